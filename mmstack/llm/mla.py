@@ -1,0 +1,96 @@
+"""Multi-head Latent Attention (DeepSeek-V2, arXiv:2405.04434 §2.1).
+
+Two equivalent computations: "naive" expands the latent into per-head keys/values with kv_b_proj (cheap
+for prefill and training); "absorb" folds W_UK into the query and W_UV into the output, so attention
+runs directly on the cached latent (cheap for decode: the cache holds C + R values per token).
+
+Notation: B batch, T new tokens, S cached+new tokens, H heads, C kv_lora_rank, R rope dims,
+P nope dims, V value dims.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from .. import kernels
+from ..config import MLAConfig
+from .cache import KVCache
+from .norm import RMSNorm
+
+
+def causal_additive(t: int, s: int, device, dtype=torch.float32) -> torch.Tensor:
+    """[T,S] additive mask: query i (absolute S-T+i) sees keys <= S-T+i."""
+    keep = torch.ones(t, s, dtype=torch.bool, device=device).tril(s - t)
+    return torch.zeros(t, s, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
+
+
+class MLAttention(nn.Module):
+    # DeepSeek's q_a_layernorm / kv_a_layernorm use a fixed eps of 1e-6, not rms_norm_eps.
+    LATENT_NORM_EPS = 1e-6
+
+    def __init__(self, hidden: int, heads: int, mla: MLAConfig, bias: bool = False, softmax_scale: float = None,
+                 mode: str = "auto", device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.heads = heads
+        self.nope, self.rope_dim, self.v_dim = mla.qk_nope_head_dim, mla.qk_rope_head_dim, mla.v_head_dim
+        self.kv_lora_rank = mla.kv_lora_rank
+        q_dim = heads * (self.nope + self.rope_dim)
+        if mla.q_lora_rank:
+            self.q_a_proj = nn.Linear(hidden, mla.q_lora_rank, bias=bias, **kw)
+            self.q_a_layernorm = RMSNorm(mla.q_lora_rank, self.LATENT_NORM_EPS, **kw)
+            self.q_b_proj = nn.Linear(mla.q_lora_rank, q_dim, bias=False, **kw)
+        else:
+            self.q_proj = nn.Linear(hidden, q_dim, bias=False, **kw)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, mla.kv_lora_rank + self.rope_dim, bias=bias, **kw)
+        self.kv_a_layernorm = RMSNorm(mla.kv_lora_rank, self.LATENT_NORM_EPS, **kw)
+        self.kv_b_proj = nn.Linear(mla.kv_lora_rank, heads * (self.nope + self.v_dim), bias=False, **kw)
+        self.o_proj = nn.Linear(heads * self.v_dim, hidden, bias=bias, **kw)
+        self.scale = softmax_scale if softmax_scale is not None else (self.nope + self.rope_dim) ** -0.5
+        self.mode = mode  # "auto" | "naive" | "absorb"
+
+    def _query(self, x: torch.Tensor) -> torch.Tensor:
+        if hasattr(self, "q_proj"):
+            return self.q_proj(x)
+        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
+                causal: bool, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
+        b, t, _ = x.shape
+        q = self._query(x).view(b, t, self.heads, self.nope + self.rope_dim).transpose(1, 2)  # [B,H,T,P+R]
+        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
+        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)  # [B,T,C]
+        q_pe = kernels.rope(q_pe, cos, sin, "interleaved")
+        k_pe = kernels.rope(k_pe.unsqueeze(1), cos, sin, "interleaved").squeeze(1)  # [B,T,R]
+        if cache is not None:
+            latent, k_pe = cache.update_mla(layer, latent, k_pe)  # [B,S,C], [B,S,R]
+        mode = self.mode
+        if mode == "auto":
+            # expand when every key is new (prefill / training); attend on the latent otherwise
+            mode = "naive" if latent.shape[1] == t else "absorb"
+        if mode == "naive":
+            o = self._naive(q_nope, q_pe, latent, k_pe, mask, causal)
+        else:
+            o = self._absorbed(q_nope, q_pe, latent, k_pe, mask, causal)
+        return self.o_proj(o.transpose(1, 2).reshape(b, t, self.heads * self.v_dim))
+
+    def _naive(self, q_nope, q_pe, latent, k_pe, mask, causal):
+        b, s, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(b, s, self.heads, self.nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([self.nope, self.v_dim], dim=-1)  # [B,H,S,P], [B,H,S,V]
+        k = torch.cat([k_nope, k_pe.unsqueeze(1).expand(-1, self.heads, -1, -1)], dim=-1)
+        q = torch.cat([q_nope, q_pe], dim=-1)
+        return kernels.attention(q, k, v, mask=mask, causal=causal, scale=self.scale)  # [B,H,T,V]
+
+    def _absorbed(self, q_nope, q_pe, latent, k_pe, mask, causal):
+        w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
+        w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H,P,C], [H,V,C]
+        q_latent = torch.einsum("bhtp,hpc->bhtc", q_nope, w_uk)
+        if causal:
+            cm = causal_additive(q_nope.shape[2], latent.shape[1], latent.device)
+            mask = cm if mask is None else (mask.float() + cm).clamp_min(torch.finfo(torch.float32).min)
+        o_latent = kernels.mla_decode(q_latent, q_pe, latent, k_pe, mask, self.scale)  # [B,H,T,C]
+        return torch.einsum("bhtc,hvc->bhtv", o_latent, w_uv)
