@@ -1,0 +1,38 @@
+"""mmstack: one PyTorch stack for DeepSeek-VL2, Janus / Janus-Pro and JanusFlow.
+
+    import mmstack
+    pipe = mmstack.load("path/to/checkpoint")      # official, transformers or native folder
+    pipe.complete("Hello", max_new_tokens=20)
+
+Heavy optional dependencies (gradio, diffusers, peft) are imported only by the code that needs them.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load": ("mmstack.api", "load"),
+    "Pipeline": ("mmstack.api", "Pipeline"),
+    "CapabilityError": ("mmstack.api", "CapabilityError"),
+    "SamplingParams": ("mmstack.decoding", "SamplingParams"),
+    "ModelConfig": ("mmstack.config", "ModelConfig"),
+    "LMConfig": ("mmstack.config", "LMConfig"),
+    "ConfigError": ("mmstack.config", "ConfigError"),
+    "CheckpointError": ("mmstack.io.checkpoint", "CheckpointError"),
+    "read_config": ("mmstack.formats", "read_config"),
+    "build_model": ("mmstack.loading", "build_model"),
+    "save_pretrained": ("mmstack.loading", "save_pretrained"),
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        mod, attr = _LAZY[name]
+        value = getattr(importlib.import_module(mod), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mmstack' has no attribute {name!r}")

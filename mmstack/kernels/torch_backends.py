@@ -60,16 +60,16 @@ def moe_gather(x, topk_idx, topk_weight, w_gate_up, w_down):
     return y.sum(1).to(x.dtype)
 
 
-def _grouped_mm_available() -> bool:
-    return hasattr(torch, "_grouped_mm")
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @ref.moe.register("grouped", priority=10)
 def moe_grouped(x, topk_idx, topk_weight, w_gate_up, w_down):
-    """Tokens sorted by expert, one contiguous segment per expert, one matmul per active segment.
+    """Tokens sorted by expert into contiguous segments, then one grouped GEMM per projection.
 
-    The loop runs over the experts that received tokens (one host sync for the counts), never over all
-    experts; on CUDA with bf16 the segments go through torch._grouped_mm in one call.
+    Uses torch's grouped_mm (CPU and CUDA, fp32/bf16/fp16). Where it is unavailable the segments run
+    one matmul each, looping over the experts that received tokens only (never over all experts).
     """
     n, kk = topk_idx.shape
     num_experts = w_gate_up.shape[0]
@@ -78,11 +78,10 @@ def moe_grouped(x, topk_idx, topk_weight, w_gate_up, w_down):
     token_of = order // kk
     xs = x[token_of]  # [N*K, H] grouped by expert
     counts = torch.bincount(flat, minlength=num_experts)
-    if x.is_cuda and x.dtype == torch.bfloat16 and _grouped_mm_available():
+    if _GROUPED_MM is not None and x.dtype in _GROUPED_DTYPES and w_gate_up.dtype == x.dtype:
         offs = torch.cumsum(counts, 0).to(torch.int32)
-        gu = torch._grouped_mm(xs, w_gate_up.transpose(-1, -2), offs=offs)
-        gate, up = gu.chunk(2, dim=-1)
-        ys = torch._grouped_mm(F.silu(gate) * up, w_down.transpose(-1, -2), offs=offs)
+        gate, up = _GROUPED_MM(xs, w_gate_up.transpose(-1, -2), offs=offs).chunk(2, dim=-1)  # [N*K, I] each
+        ys = _GROUPED_MM((F.silu(gate) * up).contiguous(), w_down.transpose(-1, -2), offs=offs)  # [N*K, H]
     else:
         ys = torch.empty_like(xs)
         active = torch.nonzero(counts).flatten()

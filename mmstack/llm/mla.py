@@ -31,7 +31,7 @@ class MLAttention(nn.Module):
     LATENT_NORM_EPS = 1e-6
 
     def __init__(self, hidden: int, heads: int, mla: MLAConfig, bias: bool = False, softmax_scale: float = None,
-                 mode: str = "auto", device=None, dtype=None):
+                 mode: str = "auto", rope_style: str = "interleaved", device=None, dtype=None):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.heads = heads
@@ -50,6 +50,7 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(heads * self.v_dim, hidden, bias=bias, **kw)
         self.scale = softmax_scale if softmax_scale is not None else (self.nope + self.rope_dim) ** -0.5
         self.mode = mode  # "auto" | "naive" | "absorb"
+        self.rope_style = rope_style
 
     def _query(self, x: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "q_proj"):
@@ -63,8 +64,8 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
         latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # [B,T,C]
-        q_pe = kernels.rope(q_pe, cos, sin, "interleaved")
-        k_pe = kernels.rope(k_pe.unsqueeze(1), cos, sin, "interleaved").squeeze(1)  # [B,T,R]
+        q_pe = kernels.rope(q_pe, cos, sin, self.rope_style)
+        k_pe = kernels.rope(k_pe.unsqueeze(1), cos, sin, self.rope_style).squeeze(1)  # [B,T,R]
         if cache is not None:
             latent, k_pe = cache.update_mla(layer, latent, k_pe)  # [B,S,C], [B,S,R]
         mode = self.mode

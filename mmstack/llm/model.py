@@ -29,7 +29,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         if cfg.attention == "mla":
             scale = (cfg.mla.qk_nope_head_dim + cfg.mla.qk_rope_head_dim) ** -0.5 * softmax_scale_factor(cfg.rope.scaling)
-            self.self_attn = MLAttention(cfg.hidden_size, cfg.num_heads, cfg.mla, cfg.attention_bias, scale, **kw)
+            self.self_attn = MLAttention(cfg.hidden_size, cfg.num_heads, cfg.mla, cfg.attention_bias, scale,
+                                         rope_style=cfg.rope.style, **kw)
         else:
             self.self_attn = Attention(cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
                                        cfg.attention_bias, cfg.rope.style, **kw)

@@ -1,0 +1,187 @@
+"""Text decoding on the shared backbone: prefill (optionally chunked), then one cached step per token.
+
+Sampling is `mmstack.kernels.sample`; the loop is a generator so callers can stream.
+Notation: B batch, T prompt tokens, H hidden, V vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+from . import kernels
+from .kernels.sampling import apply_repetition_penalty
+from .llm import KVCache, LanguageModel
+
+
+class GenerationError(ValueError):
+    pass
+
+
+@dataclass
+class SamplingParams:
+    """Decoding settings. temperature 0 (default) is greedy; a seed makes sampling reproducible."""
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    repetition_penalty: float = 1.0
+    stop_token_ids: Sequence[int] = field(default_factory=tuple)
+    stop_strings: Sequence[str] = field(default_factory=tuple)
+    seed: Optional[int] = None
+
+    def validate(self, max_limit: int = 1 << 20) -> "SamplingParams":
+        if not isinstance(self.max_new_tokens, int) or not 0 <= self.max_new_tokens <= max_limit:
+            raise GenerationError(f"max_new_tokens must be an integer in 0..{max_limit}, got {self.max_new_tokens!r}")
+        if self.temperature is None or self.temperature < 0:
+            raise GenerationError(f"temperature must be >= 0, got {self.temperature!r}")
+        if self.top_k is not None and self.top_k < 0:
+            raise GenerationError(f"top_k must be >= 0, got {self.top_k!r}")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.repetition_penalty <= 0:
+            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        return self
+
+    def updated(self, **kw) -> "SamplingParams":
+        unknown = set(kw) - set(self.__dataclass_fields__)
+        if unknown:
+            raise GenerationError(f"unknown sampling options {sorted(unknown)} (known: {sorted(self.__dataclass_fields__)})")
+        return replace(self, **{k: v for k, v in kw.items() if v is not None})
+
+
+def make_generator(seed: Optional[int]) -> Optional[torch.Generator]:
+    """A CPU generator: the same seed gives the same draws on any device the model runs on."""
+    return None if seed is None else torch.Generator(device="cpu").manual_seed(int(seed))
+
+
+@torch.no_grad()
+def prefill(
+    lm: LanguageModel,
+    cache: KVCache,
+    input_ids: Optional[torch.Tensor] = None,
+    inputs_embeds: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    chunk: Optional[int] = None,
+) -> torch.Tensor:
+    """Run the prompt through the model in chunks of `chunk` tokens; returns the last hidden [B, H]."""
+    t = (input_ids if input_ids is not None else inputs_embeds).shape[1]
+    step = chunk or t
+    if step <= 0:
+        raise GenerationError(f"prefill chunk must be positive, got {chunk}")
+    h = None
+    for s in range(0, t, step):
+        e = min(s + step, t)
+        h = lm(
+            input_ids=None if input_ids is None else input_ids[:, s:e],
+            inputs_embeds=None if inputs_embeds is None else inputs_embeds[:, s:e],
+            attention_mask=None if attention_mask is None else attention_mask[:, s:e],
+            cache=cache,
+        )
+    return h[:, -1]
+
+
+@torch.no_grad()
+def generate_ids(
+    lm: LanguageModel,
+    params: SamplingParams,
+    input_ids: Optional[torch.Tensor] = None,
+    inputs_embeds: Optional[torch.Tensor] = None,
+    attention_mask: Optional[torch.Tensor] = None,
+    prefill_chunk: Optional[int] = None,
+    stop_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    pad_id: int = 0,
+) -> Iterator[torch.Tensor]:
+    """Yield the next token ids [B] step by step (rows that finished yield `pad_id`).
+
+    A row finishes on a stop token id or when `stop_fn(tokens) -> bool[B]` says so (stop strings are
+    checked by the text layer). Iteration ends when every row finished or after max_new_tokens.
+    """
+    params.validate()
+    ref = input_ids if input_ids is not None else inputs_embeds
+    if ref is None or ref.shape[1] == 0:
+        raise GenerationError("empty prompt: at least one token is needed")
+    b, t = ref.shape[:2]
+    if t + params.max_new_tokens > lm.cfg.max_position_embeddings:
+        raise GenerationError(
+            f"prompt ({t} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds the model context "
+            f"({lm.cfg.max_position_embeddings} tokens)"
+        )
+    if params.max_new_tokens == 0:
+        return
+    device = lm.device
+    cache = lm.new_cache(b, t + params.max_new_tokens)
+    gen = make_generator(params.seed)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(b, lm.cfg.vocab_size, dtype=torch.bool, device=device)
+        if input_ids is not None:  # the prompt counts too (transformers semantics); padding does not
+            valid = torch.ones_like(input_ids) if attention_mask is None else (attention_mask != 0).long()
+            counts = torch.zeros(b, lm.cfg.vocab_size, dtype=torch.long, device=device)
+            counts.scatter_reduce_(1, input_ids.clamp(0, lm.cfg.vocab_size - 1), valid, "amax")
+            seen = counts.bool()
+    stops = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    h = prefill(lm, cache, input_ids, inputs_embeds, attention_mask, prefill_chunk)
+    for _ in range(params.max_new_tokens):
+        logits = lm.logits(h)  # [B,V] fp32
+        if seen is not None:
+            logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
+        tok = kernels.sample(logits, params.temperature, params.top_k, params.top_p, gen)
+        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        yield tok
+        if seen is not None:
+            seen.scatter_(1, tok[:, None], True)
+        if stops.numel():
+            done |= torch.isin(tok, stops)
+        if stop_fn is not None:
+            done |= stop_fn(tok).to(device)
+        if bool(done.all()):
+            return
+        h = lm(input_ids=tok[:, None], cache=cache)[:, -1]
+
+
+class TextStream:
+    """Incremental detokenisation with stop strings, one row per prompt.
+
+    `push(tokens)` appends one token per row and returns the new text per row ('' when nothing is
+    printable yet: an incomplete UTF-8 sequence is held back until it completes).
+    """
+
+    def __init__(self, tokenizer, batch: int, stop_strings: Sequence[str] = (), stop_ids: Sequence[int] = ()):
+        self.tok = tokenizer
+        self.ids: list[list[int]] = [[] for _ in range(batch)]
+        self.text = [""] * batch
+        self.finished = [False] * batch
+        self.stop_strings = [s for s in stop_strings if s]
+        self.stop_ids = set(stop_ids)
+
+    def push(self, tokens: torch.Tensor) -> list[str]:
+        deltas = []
+        for i, t in enumerate(tokens.tolist()):
+            if self.finished[i]:
+                deltas.append("")
+                continue
+            if t in self.stop_ids:
+                self.finished[i] = True
+                deltas.append("")
+                continue
+            self.ids[i].append(t)
+            full = self.tok.decode(self.ids[i], skip_special_tokens=True)
+            if full.endswith("\ufffd"):
+                deltas.append("")  # wait for the rest of a multi-byte character
+                continue
+            for s in self.stop_strings:
+                k = full.find(s)
+                if k >= 0:
+                    full = full[:k]
+                    self.finished[i] = True
+            delta = full[len(self.text[i]) :] if full.startswith(self.text[i]) else full
+            self.text[i] = full
+            deltas.append(delta)
+        return deltas
+
+    def stop_mask(self) -> torch.Tensor:
+        return torch.tensor(self.finished, dtype=torch.bool)

@@ -1,0 +1,113 @@
+"""Tokenizer: a thin wrapper over `tokenizers.Tokenizer` (tokenizer.json) plus tokenizer_config.json.
+
+Special token ids are always read from the files, never hard-coded. BOS is added by this wrapper (per
+`add_bos_token`), not by the file's post-processor, so encoding is explicit and the same for every family.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Optional, Sequence, Union
+
+
+class TokenizerError(ValueError):
+    pass
+
+
+def _token_content(value) -> Optional[str]:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value.get("content")
+    return str(value)
+
+
+class Tokenizer:
+    def __init__(self, tokenizer, config: Optional[dict] = None, source: str = "<memory>"):
+        self.tk = tokenizer
+        self.source = source
+        cfg = dict(config or {})
+        self.add_bos = bool(cfg.get("add_bos_token", True))
+        self.add_eos = bool(cfg.get("add_eos_token", False))
+        self.bos_token = _token_content(cfg.get("bos_token"))
+        self.eos_token = _token_content(cfg.get("eos_token"))
+        self.pad_token = _token_content(cfg.get("pad_token"))
+        self.bos_id = self._id_or_none(self.bos_token, "bos_token")
+        self.eos_id = self._id_or_none(self.eos_token, "eos_token")
+        self.pad_id = self._id_or_none(self.pad_token, "pad_token")
+
+    # --------------------------------------------------------------------------- construction
+    @classmethod
+    def from_dir(cls, path: Union[str, Path]) -> "Tokenizer":
+        """Load `path/tokenizer.json` (or `path` itself if it is the json) with its tokenizer_config.json."""
+        from tokenizers import Tokenizer as _Tk
+
+        p = Path(path)
+        file = p if p.is_file() else p / "tokenizer.json"
+        if not file.exists():
+            raise TokenizerError(f"{p}: no tokenizer.json found")
+        try:
+            tk = _Tk.from_file(str(file))
+        except Exception as e:
+            raise TokenizerError(f"{file}: cannot read tokenizer ({e})") from None
+        cfg: dict = {}
+        for name in ("special_tokens_map.json", "tokenizer_config.json"):
+            f = file.parent / name
+            if f.exists():
+                try:
+                    cfg.update(json.loads(f.read_text(encoding="utf-8")))
+                except ValueError as e:
+                    raise TokenizerError(f"{f}: invalid JSON ({e})") from None
+        return cls(tk, cfg, source=str(file))
+
+    def _id_or_none(self, token: Optional[str], what: str) -> Optional[int]:
+        if token is None:
+            return None
+        tid = self.tk.token_to_id(token)
+        if tid is None:
+            raise TokenizerError(f"{self.source}: {what} {token!r} is not in the vocabulary")
+        return tid
+
+    # --------------------------------------------------------------------------- queries
+    @property
+    def vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str, required: bool = True) -> Optional[int]:
+        tid = self.tk.token_to_id(token)
+        if tid is None and required:
+            raise TokenizerError(f"{self.source}: special token {token!r} is missing from the vocabulary")
+        return tid
+
+    @property
+    def special_ids(self) -> set[int]:
+        return {t.id if hasattr(t, "id") else k for k, t in self.tk.get_added_tokens_decoder().items() if t.special}
+
+    # --------------------------------------------------------------------------- encode / decode
+    def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> list[int]:
+        ids = self.tk.encode(text, add_special_tokens=False).ids
+        if (self.add_bos if bos is None else bos) and self.bos_id is not None:
+            ids = [self.bos_id] + ids
+        if eos and self.eos_id is not None:
+            ids = ids + [self.eos_id]
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def batch_pad(self, seqs: Sequence[Sequence[int]], pad_id: Optional[int] = None, side: str = "left"):
+        """Left-pad id lists -> (input_ids [B,T] long, attention_mask [B,T] long)."""
+        import torch
+
+        pad = pad_id if pad_id is not None else (self.pad_id if self.pad_id is not None else (self.eos_id or 0))
+        t = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), t), pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), t), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            if side == "left":
+                ids[i, t - len(s) :] = torch.tensor(s, dtype=torch.long)
+                mask[i, t - len(s) :] = 1
+            else:
+                ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+                mask[i, : len(s)] = 1
+        return ids, mask
