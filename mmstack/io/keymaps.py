@@ -20,7 +20,6 @@ class Rule:
     dst: str
     stack: bool = False  # source key carries {j}: internal dst[j] (dim 0)
     part: Optional[tuple[int, int]] = None  # (k, n): chunk k of n along the slice's first dim
-    load_only: bool = False  # an accepted alias; export uses the other rules
 
     @cached_property
     def src_re(self) -> re.Pattern:
@@ -80,7 +79,7 @@ class KeyTable:
 
     # internal -> source: yields (source key, expert, part) for one internal tensor of `shape`
     def to_source(self, name: str, shape: tuple) -> Iterator[tuple[str, Optional[int], Optional[tuple[int, int]]]]:
-        specific = [r for r in self.rules if not r.load_only and "{rest}" not in r.dst and r.dst_re.match(name)]
+        specific = [r for r in self.rules if "{rest}" not in r.dst and r.dst_re.match(name)]
         for rule in specific:
             g = rule.dst_re.match(name).groupdict()
             if rule.stack:
@@ -92,26 +91,26 @@ class KeyTable:
             return
         for rule in self.rules:
             m = rule.dst_re.match(name)
-            if m is not None and not rule.load_only:
+            if m is not None:
                 yield rule.src.format(**m.groupdict()), None, rule.part
                 return
 
 
-def lm_rules(model_prefix: str, lm_head: str, prefix: str = "language.", fused_experts: bool = False) -> list[Rule]:
+def lm_rules(model_prefix: str, lm_head: str, prefix: str = "language.") -> list[Rule]:
     """Rules for a DeepSeek/LLaMA decoder under `model_prefix`.
 
     Per-expert source keys (`experts.{j}.gate_proj.weight`, ...) are stacked into the internal
-    `experts.gate_up_proj` [E, 2I, H] / `experts.down_proj` [E, H, I]. With `fused_experts` the source
-    format itself stores the stacked layout (transformers 5): per-expert keys still load, export is fused.
+    `experts.gate_up_proj` [E, 2I, H] (gate rows first) / `experts.down_proj` [E, H, I]; export writes
+    them per expert again. Already-fused keys in that same layout (transformers 5's in-memory names,
+    `experts.gate_up_proj` / `experts.down_proj`) load unchanged through the catch-all rule.
     """
     p, d = model_prefix, prefix
     experts = f"{p}layers.{{i}}.mlp.experts."
     dexp = f"{d}layers.{{i}}.mlp.experts."
-    alias = fused_experts
     return [
-        Rule(experts + "{j}.gate_proj.weight", dexp + "gate_up_proj", stack=True, part=(0, 2), load_only=alias),
-        Rule(experts + "{j}.up_proj.weight", dexp + "gate_up_proj", stack=True, part=(1, 2), load_only=alias),
-        Rule(experts + "{j}.down_proj.weight", dexp + "down_proj", stack=True, load_only=alias),
+        Rule(experts + "{j}.gate_proj.weight", dexp + "gate_up_proj", stack=True, part=(0, 2)),
+        Rule(experts + "{j}.up_proj.weight", dexp + "gate_up_proj", stack=True, part=(1, 2)),
+        Rule(experts + "{j}.down_proj.weight", dexp + "down_proj", stack=True),
         Rule(lm_head, d + "lm_head.weight"),
         Rule(p + "{rest}", d + "{rest}"),
     ]
@@ -121,12 +120,11 @@ def lm_rules(model_prefix: str, lm_head: str, prefix: str = "language.", fused_e
 VL2_LM = KeyTable("deepseek_vl_v2", lm_rules("language.model.", "language.lm_head.weight"))
 # Official Janus / Janus-Pro / JanusFlow: language_model.model.* (LlamaForCausalLM).
 JANUS_LM = KeyTable("multi_modality", lm_rules("language_model.model.", "language_model.lm_head.weight"))
-# transformers DeepseekV2/V3/Llama ForCausalLM: model.* / lm_head.weight. Per-expert keys (hub
-# checkpoints) and transformers' fused `experts.gate_up_proj` [E, 2I, H] / `experts.down_proj` [E, H, I]
-# both load; export writes the fused layout transformers 5 uses.
-HF_CAUSAL_LM = KeyTable("hf_causal_lm", lm_rules("model.", "lm_head.weight", fused_experts=True))
+# transformers DeepseekV2/V3/Llama ForCausalLM: model.* / lm_head.weight. `save_pretrained` writes
+# per-expert keys (as the hub checkpoints); the fused in-memory layout loads too.
+HF_CAUSAL_LM = KeyTable("hf_causal_lm", lm_rules("model.", "lm_head.weight"))
 # transformers JanusForConditionalGeneration: model.language_model.* / lm_head.weight.
-HF_JANUS = KeyTable("hf_janus", lm_rules("model.language_model.", "lm_head.weight", fused_experts=True))
+HF_JANUS = KeyTable("hf_janus", lm_rules("model.language_model.", "lm_head.weight"))
 # Native mmstack checkpoints store internal names unchanged.
 NATIVE = KeyTable("mmstack", [Rule("{rest}", "{rest}")])
 
