@@ -64,6 +64,7 @@ def attention(
 
     `mask` is additive (0 or a large negative), broadcastable to [B,H,T,S]. `causal` aligns the query
     block to the end of the keys (query i sees keys <= S-T+i). Softmax in fp32 as the eager references.
+    A query that sees no key (a left-padding row) gets a finite, unspecified output, never NaN.
     """
     h = q.shape[1]
     k, v = _expand_kv(k, h), _expand_kv(v, h)
@@ -74,7 +75,7 @@ def attention(
         keep = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
         scores = scores.masked_fill(~keep, torch.finfo(torch.float32).min)
     if mask is not None:
-        scores = scores + mask.float()
+        scores = (scores + mask.float()).clamp_min(torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)
     return torch.matmul(probs, v)
 
@@ -98,7 +99,7 @@ def mla_decode(
     scores = scores + torch.matmul(q_pe, k_pe.unsqueeze(1).transpose(-1, -2))
     scores = scores.float() * scale
     if mask is not None:
-        scores = scores + mask.float()
+        scores = (scores + mask.float()).clamp_min(torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).to(latent.dtype)
     return torch.matmul(probs, latent.unsqueeze(1))  # [B,H,T,C]
 

@@ -24,6 +24,10 @@ class Gate(nn.Module):
             # Load-balancing bias: added for expert *choice* only; updated by a rule, not by gradients.
             self.register_buffer("e_score_correction_bias",
                                  torch.zeros(cfg.n_routed_experts, device=device, dtype=torch.float32))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)  # nn.Linear's default
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
@@ -59,6 +63,12 @@ class Experts(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num, 2 * width, hidden, device=device, dtype=dtype))
         self.down_proj = nn.Parameter(torch.empty(num, hidden, width, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # per expert, as nn.Linear would initialise each matrix
+        nn.init.uniform_(self.gate_up_proj, -self.gate_up_proj.shape[-1] ** -0.5, self.gate_up_proj.shape[-1] ** -0.5)
+        nn.init.uniform_(self.down_proj, -self.down_proj.shape[-1] ** -0.5, self.down_proj.shape[-1] ** -0.5)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return kernels.moe(x, idx, weight, self.gate_up_proj, self.down_proj)
