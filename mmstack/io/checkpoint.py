@@ -177,16 +177,18 @@ def convert_state_dict(
     out: dict[str, torch.Tensor] = {}
     pieces: dict[str, dict] = {}
     unexpected, misshaped = [], []
+    bad_names: set[str] = set()
     for key, t, path in items:
         slot = table.to_internal(key)
         if slot is None or slot.name not in expected:
             if not table.is_ignored(key):
-                unexpected.append(f"{key}" + (f" (-> {slot.name})" if slot else ""))
+                unexpected.append(key + (f" (-> {slot.name})" if slot and slot.name != key else ""))
             continue
         ref = expected[slot.name]
         want = _slice_shape(tuple(ref.shape), slot)
         if tuple(t.shape) != want:
             misshaped.append(f"{key}: checkpoint {list(t.shape)} vs model {list(want)}")
+            bad_names.add(slot.name)
             continue
         t = t.to(_target_dtype(slot.name, t, ref, dtype))
         if slot.expert is None and slot.part is None:
@@ -204,12 +206,14 @@ def convert_state_dict(
                 step = view.shape[0] // n
                 view = view[k * step : (k + 1) * step]
             view.copy_(t)
+        if name in bad_names:
+            continue
         for key, expert, part in table.to_source(name, tuple(ref.shape)):
             if (expert, part) not in parts:
                 missing.append(key)
         out[name] = full
     for name in expected:
-        if name in out or name in pieces:
+        if name in out or name in pieces or name in bad_names:
             continue
         if tied and name in tied and tied[name] in out:
             out[name] = out[tied[name]]
