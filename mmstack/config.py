@@ -213,7 +213,7 @@ class ModelConfig:
 
     language: LMConfig
     parts: dict = field(default_factory=dict)  # section name -> dataclass instance
-    source_format: str = "mmstack"
+    source_format: str = field(default="mmstack", compare=False)
     name: Optional[str] = None
 
     def validate(self) -> "ModelConfig":

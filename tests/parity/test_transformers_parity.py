@@ -115,3 +115,47 @@ def test_transformers_left_padded_batch_matches(pair):
                            pad_token_id=0)[:, 12:]
     got = pipe.complete_ids([PROMPT[0].tolist(), short], max_new_tokens=12)
     assert got == want.tolist()
+
+
+def test_transformers_fused_expert_layout_loads(tmp_path):
+    """transformers' in-memory state_dict (fused `experts.gate_up_proj` [E,2I,H]) loads unchanged."""
+    from safetensors.torch import save_file
+
+    cls, cfg = _v3(True)
+    torch.manual_seed(0)
+    hf = cls._from_config(cfg, attn_implementation="eager").eval()
+    _randomise(hf, seed=3)
+    hf.config.save_pretrained(tmp_path)
+    sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in sd)
+    save_file(sd, tmp_path / "model.safetensors")
+    pipe = mmstack.load(tmp_path, device="cpu", dtype=torch.float32)
+    with torch.no_grad():
+        want = hf(PROMPT).logits
+    assert (pipe.logits(PROMPT) - want).abs().max().item() <= ATOL
+
+
+def test_transformers_janus_language_model_and_tied_head(tmp_path):
+    """A transformers `janus` folder: its LLaMA reads through the hf_janus table. JanusConfig ties lm_head
+    to the embeddings by default (and save_pretrained then omits lm_head.weight): the tie is honoured."""
+    from mmstack.loading import load_model
+
+    text = dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=4, max_position_embeddings=256)
+    vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
+                  projection_dim=64)
+    vq = dict(embed_dim=8, num_embeddings=32, base_channels=32, channel_multiplier=[1, 2], latent_channels=32,
+              projection_dim=64, image_token_embed_dim=64)
+    for tie in (True, False):
+        cfg = transformers.JanusConfig(text_config=text, vision_config=vision, vq_config=vq, tie_word_embeddings=tie)
+        torch.manual_seed(0)
+        hf = transformers.JanusForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
+        _randomise(hf, seed=5)
+        d = tmp_path / f"tie{tie}"
+        hf.save_pretrained(d)
+        lm = load_model(d, device="cpu", dtype=torch.float32, language_only=True).language
+        with torch.no_grad():
+            want = hf(input_ids=PROMPT).logits
+            got = lm.logits(lm(input_ids=PROMPT))
+        assert (got - want).abs().max().item() <= ATOL, f"tie_word_embeddings={tie}"
+        assert (lm.lm_head.weight is lm.embed_tokens.weight) == tie
