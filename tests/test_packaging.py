@@ -14,11 +14,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_install_imports_all_packages(tmp_path):
+    wheels = tmp_path / "wheels"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
+                    str(wheels), str(REPO)], check=True, cwd=tmp_path)
+    (wheel,) = wheels.glob("mmstack-*.whl")
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-build-isolation", "--quiet", str(REPO)],
-                   check=True, cwd=tmp_path)
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--quiet", str(wheel)], check=True, cwd=tmp_path)
     code = ("import mmstack, mmstack.vision, mmstack.generation, mmstack.apps, mmstack.assets, mmstack.llm, "
             "mmstack.kernels, mmstack.io; import os; print(os.path.dirname(mmstack.vision.__file__))")
     out = subprocess.run([str(py), "-c", code], check=True, cwd=tmp_path, capture_output=True, text=True).stdout
