@@ -1,0 +1,151 @@
+"""DeepSeek-VL2 dynamic tiling: best-resolution choice, global + local tiles, image-token count.
+
+Reproduces `select_best_resolution` and the pixel part of `DeepseekVLV2Processor.tokenize_with_images`
+in https://github.com/deepseek-ai/DeepSeek-VL2/blob/ef9f91e2/deepseek_vl2/models/processing_deepseek_vl_v2.py
+
+# S tile side (image_size), tw x th local tiles (width x height), N = 1 + tw*th tiles per image,
+# h = w tokens per tile side after the projector's downsampling.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+
+
+@dataclass(frozen=True)
+class TilingConfig:
+    """VL2 processor settings (`processor_config.json`).
+
+    `candidate_resolutions` are `(width, height)` pairs in config order: the official loop reads them as
+    `for width, height in candidate_resolutions`. Order matters, since ties keep the earlier candidate.
+    `image_size` (the tile side S) defaults to `candidate_resolutions[0][0]` as in the official
+    processor, and `pad_color` to `int(mean * 255)` per channel (127 for mean 0.5).
+    """
+
+    candidate_resolutions: tuple[tuple[int, int], ...]
+    patch_size: int = 14
+    downsample_ratio: int = 2
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    normalize: bool = True
+    image_size: Optional[int] = None
+    pad_color: Optional[tuple[int, ...]] = field(default=None)
+
+    def __post_init__(self):
+        # frozen dataclass: derived defaults are filled in once, here
+        cands = tuple((int(w), int(h)) for w, h in self.candidate_resolutions)
+        if not cands:
+            raise ValueError("TilingConfig: candidate_resolutions is empty")
+        object.__setattr__(self, "candidate_resolutions", cands)
+        size = int(self.image_size if self.image_size is not None else cands[0][0])
+        object.__setattr__(self, "image_size", size)
+        if self.pad_color is None:
+            object.__setattr__(self, "pad_color", tuple(int(m * 255) for m in self.image_mean))
+        # the official crop loop steps by S while the token count floors W // S: both agree only for multiples
+        bad = [c for c in cands if c[0] % size or c[1] % size]
+        if bad:
+            raise ValueError(f"TilingConfig: candidate resolutions {bad} are not multiples of image_size {size}")
+
+    @classmethod
+    def from_processor_config(cls, cfg: Mapping) -> "TilingConfig":
+        """Read the official processor_config.json dict (unknown keys such as `sft_format` are ignored)."""
+        if "candidate_resolutions" not in cfg or "patch_size" not in cfg or "downsample_ratio" not in cfg:
+            raise ValueError("processor config needs candidate_resolutions, patch_size and downsample_ratio")
+        return cls(
+            candidate_resolutions=tuple(tuple(c) for c in cfg["candidate_resolutions"]),
+            patch_size=int(cfg["patch_size"]),
+            downsample_ratio=int(cfg["downsample_ratio"]),
+            image_mean=tuple(cfg.get("image_mean", (0.5, 0.5, 0.5))),
+            image_std=tuple(cfg.get("image_std", (0.5, 0.5, 0.5))),
+            normalize=bool(cfg.get("normalize", True)),
+            image_size=cfg.get("image_size"),
+        )
+
+    @classmethod
+    def from_json(cls, path: Union[str, Path]) -> "TilingConfig":
+        return cls.from_processor_config(json.loads(Path(path).read_text(encoding="utf-8")))
+
+    @property
+    def tokens_per_side(self) -> int:
+        """h = w: tokens per tile side after the projector (14 for 384 / 14 / 2)."""
+        return math.ceil((self.image_size // self.patch_size) / self.downsample_ratio)
+
+    def tiles_for(self, size_wh: tuple[int, int], cropping: bool = True) -> tuple[int, int]:
+        """Local tile grid (tw, th) for an image of `size_wh`; `cropping=False` forces 1x1."""
+        if not cropping:
+            return 1, 1
+        bw, bh = select_best_resolution(size_wh, self.candidate_resolutions)
+        return bw // self.image_size, bh // self.image_size
+
+
+def select_best_resolution(size_wh: tuple[int, int], candidates: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The candidate (W, H) that keeps the most pixels of a `size_wh` image, then wastes the least.
+
+    Examples:
+        >>> cands = [(384, 384), (768, 384), (384, 768), (768, 768)]
+        >>> select_best_resolution((640, 480), cands)
+        (768, 768)
+    """
+    w0, h0 = size_wh
+    best, best_eff, best_waste = None, 0, float("inf")
+    for W, H in candidates:
+        s = min(W / w0, H / h0)  # float division then int() truncation, as official
+        eff = min(int(w0 * s) * int(h0 * s), w0 * h0)
+        waste = W * H - eff
+        if eff > best_eff or (eff == best_eff and waste < best_waste):
+            best, best_eff, best_waste = (W, H), eff, waste
+    return best
+
+
+def num_image_tokens(tw: int, th: int, image_size: int, patch_size: int, downsample_ratio: int) -> int:
+    """Image-token span length: global h*(w+1), 1 view separator, (th*h) rows of (tw*w + 1).
+
+    With the real settings (384, 14, 2) this is 211 + 14*th*(14*tw + 1): 421 for 1x1, 2101 for 1x9.
+    """
+    h = w = math.ceil((image_size // patch_size) / downsample_ratio)
+    return h * (w + 1) + 1 + (th * h) * (tw * w + 1)
+
+
+def to_tensor(img: Image.Image, cfg: TilingConfig) -> torch.Tensor:
+    """torchvision `ToTensor` then `Normalize(mean, std)`, with the same float32 ops.
+
+    Returns: [3, H, W] float32 (x/255 - mean) / std.
+    """
+    x = torch.from_numpy(np.array(img, dtype=np.uint8, copy=True))  # [H, W, 3]
+    x = x.permute(2, 0, 1).contiguous().to(torch.float32).div(255)  # [3, H, W]
+    if cfg.normalize:
+        mean = torch.as_tensor(cfg.image_mean, dtype=torch.float32).view(-1, 1, 1)
+        std = torch.as_tensor(cfg.image_std, dtype=torch.float32).view(-1, 1, 1)
+        x = x.sub_(mean).div_(std)
+    return x
+
+
+def tile_image(img: Image.Image, cfg: TilingConfig, tiles_wh: tuple[int, int]) -> torch.Tensor:
+    """Global view then the tw x th local tiles (row-major) of one RGB image.
+
+    Both views are `ImageOps.pad` (aspect-preserving bicubic resize, centred on `pad_color`): the
+    global one to (S, S), the local one to (tw*S, th*S), which is then cut into S x S tiles.
+
+    Args:
+        img: PIL image in mode "RGB".
+        tiles_wh: (tw, th) from `TilingConfig.tiles_for`.
+    Returns:
+        [1 + tw*th, 3, S, S] float32.
+    Raises:
+        ValueError: if `img` is not RGB.
+    """
+    if img.mode != "RGB":
+        raise ValueError(f"tile_image: expected an RGB image, got mode {img.mode!r}; use img.convert('RGB')")
+    S, (tw, th) = cfg.image_size, tiles_wh
+    glob = to_tensor(ImageOps.pad(img, (S, S), color=cfg.pad_color), cfg)  # [3, S, S]
+    local = to_tensor(ImageOps.pad(img, (tw * S, th * S), color=cfg.pad_color), cfg)  # [3, th*S, tw*S]
+    # elementwise transforms commute with cropping, so crop the tensor: tile k is at row k // tw, col k % tw
+    local = local.view(3, th, S, tw, S).permute(1, 3, 0, 2, 4).reshape(th * tw, 3, S, S)
+    return torch.cat([glob[None], local], dim=0)

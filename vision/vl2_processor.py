@@ -1,0 +1,204 @@
+"""DeepSeek-VL2 processor: chat template, `<image>` token spans and batched tiles.
+
+Token-for-token the official `DeepseekVLV2Processor` (`format_messages_v2`, `tokenize_with_images`,
+`batchify`, sft_format "deepseek") in
+https://github.com/deepseek-ai/DeepSeek-VL2/blob/ef9f91e2/deepseek_vl2/models/processing_deepseek_vl_v2.py
+
+# B batch, T tokens, N tiles per sample (global + locals of every image), S tile side, I images,
+# tw x th local tiles of one image, h = w tokens per tile side.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from mmstack.tokenizer import Tokenizer
+
+from .tiling import TilingConfig, tile_image
+
+Message = dict  # {"role": "<|User|>" | "user" | "<|Assistant|>" | "assistant" | "system", "content": str}
+Conversation = Union[str, Sequence[Message]]  # a str is a raw prompt, tokenized without the template
+
+USER, ASSISTANT = "<|User|>", "<|Assistant|>"  # roles of the official "deepseek" conversation template
+SEP = "\n\n"  # template sep after a user turn; sep2 (after an assistant turn) is the EOS token
+
+
+@dataclass
+class VL2Tokens:
+    """One sample's token layout, computed from image sizes only (no pixels)."""
+
+    input_ids: list[int] = field(default_factory=list)  # [T]
+    images_seq_mask: list[bool] = field(default_factory=list)  # [T], True on every image-span slot
+    images_spatial_crop: list[tuple[int, int]] = field(default_factory=list)  # [I] of (tw, th)
+    num_image_tokens: list[int] = field(default_factory=list)  # [I]
+
+
+class VL2Processor:
+    """Conversation + PIL images -> DeepSeek-VL2 model inputs.
+
+    Args:
+        tokenizer: `mmstack.tokenizer.Tokenizer` holding `<image>`, `<|User|>`, `<|Assistant|>`.
+        tiling_config: processor settings (`TilingConfig.from_processor_config`).
+        image_token: the placeholder in the text, and the id every image-span slot holds.
+
+    Examples:
+        >>> proc = VL2Processor.from_pretrained("golden/vl2_tiny_mla_moe", "golden/vl2_tokenizer")  # doctest: +SKIP
+        >>> conv = [{"role": "user", "content": "<image>\\nDescribe."}, {"role": "assistant", "content": ""}]
+        >>> out = proc(conv, [img])  # doctest: +SKIP
+        >>> out["input_ids"].shape, out["images"].shape  # doctest: +SKIP
+        (torch.Size([1, T]), torch.Size([1, 1 + tw*th, 3, S, S]))
+    """
+
+    def __init__(self, tokenizer: Tokenizer, tiling_config: TilingConfig, image_token: str = "<image>"):
+        self.tokenizer, self.cfg, self.image_token = tokenizer, tiling_config, image_token
+        self.image_token_id = tokenizer.token_id(image_token)
+        for role in (USER, ASSISTANT):
+            tokenizer.token_id(role)  # raises if the tokenizer lacks the chat tokens
+        missing = [n for n in ("bos_id", "eos_id", "pad_id") if getattr(tokenizer, n) is None]
+        if missing:
+            raise ValueError(f"VL2Processor: tokenizer {tokenizer.source} has no {', '.join(missing)}")
+
+    @classmethod
+    def from_pretrained(cls, model_dir: Union[str, Path], tokenizer_dir: Union[str, Path, None] = None):
+        """Read `model_dir/processor_config.json` and the tokenizer (default: `model_dir`)."""
+        cfg = json.loads((Path(model_dir) / "processor_config.json").read_text(encoding="utf-8"))
+        if cfg.get("sft_format", "deepseek") != "deepseek":
+            raise ValueError(f"{model_dir}: only sft_format 'deepseek' is supported, got {cfg['sft_format']!r}")
+        tok = Tokenizer.from_dir(tokenizer_dir if tokenizer_dir is not None else model_dir)
+        return cls(tok, TilingConfig.from_processor_config(cfg), cfg.get("image_token", "<image>"))
+
+    # ------------------------------------------------------------------------------ tokens (no pixels)
+    def image_span_len(self, tw: int, th: int) -> int:
+        """Slots of one image: global h rows of (w + 1 newline), 1 view separator, th*h rows of (tw*w + 1)."""
+        h = w = self.cfg.tokens_per_side
+        return h * (w + 1) + 1 + (th * h) * (tw * w + 1)
+
+    def tokenize(self, conversation: Conversation, image_sizes: Sequence[tuple[int, int]],
+                 inference_mode: bool = True) -> VL2Tokens:
+        """Token layout of one conversation whose images have sizes `image_sizes` ((w, h) each).
+
+        A final empty assistant turn is the generation prompt: with `inference_mode` the trailing EOS
+        is dropped (official `process_one`). A raw prompt string gets BOS and, outside inference
+        mode, EOS, with no template.
+        Raises:
+            ValueError: unknown role, misplaced system message, `<image>` outside user turns, or a
+                number of `<image>` tags different from `len(image_sizes)`.
+        """
+        if isinstance(conversation, str):
+            turns = [(conversation, True, True)]  # (text, images allowed, EOS after)
+        else:
+            turns = self._turns(conversation)
+        n_tags = sum(text.count(self.image_token) for text, _, _ in turns)
+        if n_tags != len(image_sizes):
+            raise ValueError(f"VL2Processor: the conversation has {n_tags} {self.image_token} tag(s) "
+                             f"but {len(image_sizes)} image(s) were given")
+        cropping = len(image_sizes) <= 2  # official: tiling only for at most 2 images per conversation
+        out, sizes = VL2Tokens(), iter(image_sizes)
+        self._add(out, [self.tokenizer.bos_id], False)
+        for text, _, eos in turns:
+            for k, piece in enumerate(text.split(self.image_token)):
+                if k:
+                    tw, th = self.cfg.tiles_for(next(sizes), cropping)
+                    n = self.image_span_len(tw, th)
+                    self._add(out, [self.image_token_id] * n, True)
+                    out.images_spatial_crop.append((tw, th))
+                    out.num_image_tokens.append(n)
+                self._add(out, self.tokenizer.encode(piece, bos=False), False)
+            if eos:
+                self._add(out, [self.tokenizer.eos_id], False)
+        if inference_mode and out.input_ids[-1] == self.tokenizer.eos_id and len(out.input_ids) > 1:
+            out.input_ids.pop()
+            out.images_seq_mask.pop()
+        return out
+
+    def _turns(self, messages: Sequence[Message]) -> list[tuple[str, bool, bool]]:
+        """Messages -> (text, images allowed, EOS after) per turn, as `format_messages_v2` builds them."""
+        turns = []
+        for i, m in enumerate(messages):
+            role, content = m["role"], str(m["content"]).strip()
+            if role in (USER, "user"):
+                # template get_prompt(): "role: msg" + sep for a non-empty message, bare "role:" otherwise
+                turns.append((f"{USER}: {content}{SEP}{ASSISTANT}:" if content else f"{USER}:{ASSISTANT}:", True, False))
+            elif role in (ASSISTANT, "assistant", "system", "deepseekapi-sys"):
+                if role in ("system", "deepseekapi-sys") and i != 0:
+                    raise ValueError(f"VL2Processor: a system message may only be the first message (got it at {i})")
+                if self.image_token in content:
+                    raise ValueError(f"VL2Processor: {self.image_token} may only appear in user turns, not {role!r}")
+                turns.append((content, False, role in (ASSISTANT, "assistant")))
+            else:
+                raise ValueError(f"VL2Processor: unknown role {role!r}")
+        return turns
+
+    @staticmethod
+    def _add(out: VL2Tokens, ids: list[int], is_image: bool) -> None:
+        out.input_ids += ids
+        out.images_seq_mask += [is_image] * len(ids)
+
+    # ------------------------------------------------------------------------------ pixels + batching
+    def __call__(self, conversations, images=None, inference_mode: bool = True) -> dict:
+        """Process one conversation (B=1) or a list of them (left-padded batch).
+
+        Args:
+            conversations: a conversation (list of messages, or a raw prompt str), or a list of those.
+            images: PIL RGB images in `<image>` order; for a batch, one list per conversation.
+        Returns: dict with
+            input_ids [B,T] long, attention_mask [B,T] long, images_seq_mask [B,T] bool,
+            images [B,N_max,3,S,S] float32 (per image: global tile then its locals; zero tiles pad),
+            images_spatial_crop [B,I_max,2] long of (tw, th) (zero rows pad),
+            num_image_tokens: list (per sample) of lists (per image) of int.
+        Raises:
+            ValueError: image count mismatch or an image that is not RGB; TypeError for a non-image.
+        """
+        single = isinstance(conversations, str) or (len(conversations) > 0 and isinstance(conversations[0], dict))
+        convs = [conversations] if single else list(conversations)
+        imgs = [list(images or [])] if single else [list(x or []) for x in (images or [[]] * len(convs))]
+        if len(imgs) != len(convs):
+            raise ValueError(f"VL2Processor: {len(convs)} conversations but {len(imgs)} image lists")
+        samples = [self._one(c, ims, inference_mode) for c, ims in zip(convs, imgs)]
+        return self._batchify(samples)
+
+    def _one(self, conversation: Conversation, images: list, inference_mode: bool):
+        for i, im in enumerate(images):
+            if not isinstance(im, Image.Image):
+                raise TypeError(f"VL2Processor: image {i} is a {type(im).__name__}, expected a PIL image")
+            if im.mode != "RGB":
+                raise ValueError(f"VL2Processor: image {i} has mode {im.mode!r}; pass img.convert('RGB')")
+        toks = self.tokenize(conversation, [im.size for im in images], inference_mode)
+        S = self.cfg.image_size
+        tiles = [tile_image(im, self.cfg, crop) for im, crop in zip(images, toks.images_spatial_crop)]
+        # official: a sample without images still carries one zero tile and one (0, 0) crop row
+        pixels = torch.cat(tiles) if tiles else torch.zeros(1, 3, S, S)  # [N, 3, S, S]
+        crops = toks.images_spatial_crop or [(0, 0)]
+        return toks, pixels, crops
+
+    def _batchify(self, samples) -> dict:
+        B = len(samples)
+        T = max(len(t.input_ids) for t, _, _ in samples)
+        N = max(p.shape[0] for _, p, _ in samples)
+        I = max(len(c) for _, _, c in samples)
+        S = self.cfg.image_size
+        input_ids = torch.full((B, T), self.tokenizer.pad_id, dtype=torch.long)
+        attention_mask = torch.zeros(B, T, dtype=torch.long)
+        seq_mask = torch.zeros(B, T, dtype=torch.bool)
+        images = torch.zeros(B, N, 3, S, S, dtype=torch.float32)
+        crops = torch.zeros(B, I, 2, dtype=torch.long)
+        for b, (toks, pixels, crop) in enumerate(samples):
+            L = len(toks.input_ids)  # left padding: real tokens sit at the end
+            input_ids[b, T - L:] = torch.tensor(toks.input_ids, dtype=torch.long)
+            attention_mask[b, T - L:] = 1
+            seq_mask[b, T - L:] = torch.tensor(toks.images_seq_mask, dtype=torch.bool)
+            images[b, : pixels.shape[0]] = pixels
+            crops[b, : len(crop)] = torch.tensor(crop, dtype=torch.long)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "images": images,
+            "images_seq_mask": seq_mask,
+            "images_spatial_crop": crops,
+            "num_image_tokens": [t.num_image_tokens for t, _, _ in samples],
+        }
