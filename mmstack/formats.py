@@ -154,7 +154,9 @@ def lm_from_llama(c: dict, where: str, tie_default: Optional[bool] = None) -> LM
     ).validate()
 
 
-# Part translators added by mmstack.vision / mmstack.generation: source_format -> [fn(raw, cfg, where)].
+# Part translators added by mmstack.vision / mmstack.generation:
+# source_format -> [fn(raw, cfg, where, folder)]; folder is the model folder (None for a dict source),
+# where processor_config.json / preprocessor_config.json are read when present.
 _PART_READERS: dict[str, list[Callable]] = {}
 
 
@@ -193,11 +195,14 @@ def _lm_for(raw: dict, where: str) -> tuple[LMConfig, str]:
 
 def read_config(source: Union[str, Path, dict], where: Optional[str] = None) -> ModelConfig:
     """Translate a config.json (path, folder or dict) of any supported format into a `ModelConfig`."""
+    _register_parts()
+    folder = None
     if isinstance(source, dict):
         raw, where = source, where or "config"
     else:
         p = Path(source)
         p = p / "config.json" if p.is_dir() else p
+        folder = p.parent
         where = where or str(p)
         if not p.exists():
             raise ConfigError(f"{where}: file not found")
@@ -212,16 +217,21 @@ def read_config(source: Union[str, Path, dict], where: Optional[str] = None) -> 
     lm, fmt = _lm_for(raw, where)
     cfg = ModelConfig(language=lm, source_format=fmt)
     for fn in _PART_READERS.get(fmt, []):
-        fn(raw, cfg, where)
+        fn(raw, cfg, where, folder)
     return cfg.validate()
+
+
+def _register_parts() -> None:
+    """Import the packages that register config sections, part readers, builders and key rules."""
+    import mmstack.vision.parts  # noqa: F401
 
 
 # The key table for each source format (`mmstack.io.keymaps`).
 TABLE_FOR_FORMAT = {
     "mmstack": "mmstack",
     "deepseek_vl_v2": "deepseek_vl_v2",
-    "janus": "multi_modality",
-    "janusflow": "multi_modality",
+    "janus": "janus",
+    "janusflow": "janusflow",
     "hf_deepseek_v2": "hf_causal_lm",
     "hf_deepseek_v3": "hf_causal_lm",
     "hf_llama": "hf_causal_lm",

@@ -24,6 +24,9 @@ def register_part_builder(section: str, builder: Callable) -> Callable:
 class MultimodalModel(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype: Optional[torch.dtype] = None):
         super().__init__()
+        from .formats import _register_parts
+
+        _register_parts()
         cfg.validate()
         self.cfg = cfg
         self.language = LanguageModel(cfg.language, device=device, dtype=dtype)

@@ -119,7 +119,8 @@ def lm_rules(model_prefix: str, lm_head: str, prefix: str = "language.") -> list
 # Official DeepSeek-VL2: language.model.* / language.lm_head.weight, experts one module each.
 VL2_LM = KeyTable("deepseek_vl_v2", lm_rules("language.model.", "language.lm_head.weight"))
 # Official Janus / Janus-Pro / JanusFlow: language_model.model.* (LlamaForCausalLM).
-JANUS_LM = KeyTable("multi_modality", lm_rules("language_model.model.", "language_model.lm_head.weight"))
+JANUS_LM = KeyTable("janus", lm_rules("language_model.model.", "language_model.lm_head.weight"))
+JANUSFLOW_LM = KeyTable("janusflow", lm_rules("language_model.model.", "language_model.lm_head.weight"))
 # transformers DeepseekV2/V3/Llama ForCausalLM: model.* / lm_head.weight. `save_pretrained` writes
 # per-expert keys (as the hub checkpoints); the fused in-memory layout loads too.
 HF_CAUSAL_LM = KeyTable("hf_causal_lm", lm_rules("model.", "lm_head.weight"))
@@ -128,7 +129,7 @@ HF_JANUS = KeyTable("hf_janus", lm_rules("model.language_model.", "lm_head.weigh
 # Native mmstack checkpoints store internal names unchanged.
 NATIVE = KeyTable("mmstack", [Rule("{rest}", "{rest}")])
 
-TABLES = {t.name: t for t in (VL2_LM, JANUS_LM, HF_CAUSAL_LM, HF_JANUS, NATIVE)}
+TABLES = {t.name: t for t in (VL2_LM, JANUS_LM, JANUSFLOW_LM, HF_CAUSAL_LM, HF_JANUS, NATIVE)}
 
 
 def export_names(table: KeyTable, shapes: dict[str, tuple]) -> dict[str, tuple]:

@@ -1,0 +1,67 @@
+"""Image-token layout and the splice of image embeddings into the text sequence.
+
+DeepSeek-VL2 ("2D" tiles, global view at the head), per image with tw x th local tiles and h x w
+embeddings per tile:
+  global view: h rows of [w embeddings + image_newline]            -> h*(w+1)
+  view separator                                                    -> 1
+  local views stitched into a (th*h) x (tw*w) grid, each row + newline -> th*h*(tw*w+1)
+Every slot (newline and separator included) holds the `<image>` id in input_ids and is filled by
+`masked_scatter` in order. JanusFlow replaces `<begin_of_image>`'s embedding with `beg_of_und_embed`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mmstack.config import ConfigError
+
+
+@dataclass
+class LayoutConfig:
+    kind: str  # "vl2_tiles" | "janus" | "janusflow"
+    n_embed: int
+    tile_tag: str = "2D"
+    global_view_pos: str = "head"
+
+    def validate(self) -> None:
+        if self.kind not in ("vl2_tiles", "janus", "janusflow"):
+            raise ConfigError(f"layout.kind {self.kind!r} is not one of vl2_tiles, janus, janusflow")
+        if self.kind == "vl2_tiles" and (self.tile_tag, self.global_view_pos) != ("2D", "head"):
+            raise ConfigError(f"only tile_tag '2D' with global_view_pos 'head' is supported (the released "
+                              f"checkpoints), got {self.tile_tag!r} / {self.global_view_pos!r}")
+
+
+class Layout(nn.Module):
+    """Learned layout embeddings: VL2 `image_newline` / `view_separator`, JanusFlow `begin_embed`."""
+
+    def __init__(self, cfg: LayoutConfig, device=None, dtype=None):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        if cfg.kind == "vl2_tiles":
+            self.image_newline = nn.Parameter(torch.zeros(cfg.n_embed, device=device, dtype=dtype))
+            self.view_separator = nn.Parameter(torch.zeros(cfg.n_embed, device=device, dtype=dtype))
+        elif cfg.kind == "janusflow":
+            self.begin_embed = nn.Parameter(torch.zeros(1, cfg.n_embed, device=device, dtype=dtype))
+
+    def vl2_image(self, tiles: torch.Tensor, tw: int, th: int) -> torch.Tensor:
+        """tiles [1 + tw*th, h*w, D] (global first) -> the image's embedding sequence [n_tokens, D]."""
+        n, p, d = tiles.shape
+        h = w = int(round(p**0.5))
+        nl = self.image_newline.to(tiles.dtype)
+        glob = torch.cat([tiles[0].view(h, w, d), nl.expand(h, 1, d)], 1).reshape(-1, d)  # [h*(w+1), D]
+        local = tiles[1:].view(th, tw, h, w, d).permute(0, 2, 1, 3, 4).reshape(th * h, tw * w, d)
+        local = torch.cat([local, nl.expand(th * h, 1, d)], 1).reshape(-1, d)  # [th*h*(tw*w+1), D]
+        return torch.cat([glob, self.view_separator.to(tiles.dtype)[None], local], 0)
+
+
+def splice(inputs_embeds: torch.Tensor, seq_mask: torch.Tensor, image_embeds: torch.Tensor) -> torch.Tensor:
+    """Write `image_embeds` [N, D] in order into the positions of `seq_mask` [B, T] (row-major)."""
+    n = int(seq_mask.sum())
+    if n != image_embeds.shape[0]:
+        raise ValueError(f"the prompt has {n} image-token slots but {image_embeds.shape[0]} image embeddings were made")
+    out = inputs_embeds.clone()
+    out[seq_mask.bool()] = image_embeds.to(out.dtype)
+    return out

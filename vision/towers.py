@@ -1,0 +1,68 @@
+"""SigLIP vision towers on timm's `VisionTransformer`, so parameter names match the official checkpoints
+(`patch_embed`, `pos_embed`, `blocks.N.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}`, `norm`, and
+the unused `attn_pool` head that the checkpoints carry).
+
+- DeepSeek-VL2: SigLIP-SO400M/14 @384 (27x27 grid: the last 6 pixel rows/columns are dropped by the
+  stride-14 patch conv, as officially), tanh-approximated GELU.
+- Janus / JanusFlow: SigLIP-L/16 @384 (24x24 grid), exact GELU.
+Features are the final-LayerNorm tokens of all kept blocks (`forward_features`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+from torch import nn
+
+from mmstack.config import ConfigError
+
+
+@dataclass
+class VisionTowerConfig:
+    image_size: int
+    patch_size: int
+    width: int
+    layers: int
+    heads: int
+    mlp_ratio: float
+    act: str = "gelu"  # "gelu" (exact) | "gelu_tanh"
+    global_pool: str = "map"  # "map" keeps the attention-pool head the checkpoints contain (unused)
+    ln_eps: float = 1e-6
+
+    def validate(self) -> None:
+        if self.act not in ("gelu", "gelu_tanh"):
+            raise ConfigError(f"vision.act must be gelu or gelu_tanh, got {self.act!r}")
+        if self.width % self.heads:
+            raise ConfigError(f"vision.width {self.width} is not divisible by heads {self.heads}")
+        if self.image_size < self.patch_size:
+            raise ConfigError(f"vision.image_size {self.image_size} < patch_size {self.patch_size}")
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid * self.grid
+
+
+class VisionTower(nn.Module):
+    """pixels [N, 3, S, S] (normalised) -> features [N, grid*grid, width]."""
+
+    def __init__(self, cfg: VisionTowerConfig, device=None, dtype=None):
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        cfg.validate()
+        self.cfg = cfg
+        act = partial(nn.GELU, approximate="tanh") if cfg.act == "gelu_tanh" else nn.GELU
+        self.tower = VisionTransformer(
+            img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.layers,
+            num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, class_token=False, global_pool=cfg.global_pool,
+            num_classes=0, act_layer=act, norm_layer=partial(nn.LayerNorm, eps=cfg.ln_eps), weight_init="skip",
+            device=device, dtype=dtype,
+        )
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.tower.forward_features(pixels.to(self.tower.pos_embed.dtype))
