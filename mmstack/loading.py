@@ -58,39 +58,39 @@ def resolve_dtype(dtype) -> Optional[torch.dtype]:
 
 
 def load_model(model_dir: Union[str, Path], device=None, dtype=None, cfg: Optional[ModelConfig] = None,
-               language_only: bool = False) -> MultimodalModel:
+               language_only: bool = False, parts: Optional[tuple] = None) -> MultimodalModel:
     """Load a checkpoint folder of any supported format.
 
     Args:
         model_dir: folder with config.json and safetensors (single or sharded) or .bin weights.
         device / dtype: where and how to materialise (defaults: CUDA+bf16 if available, else CPU+fp32).
         cfg: an already translated config (else read from model_dir/config.json).
-        language_only: build and load only the language model, skipping other parts' weights.
+        parts: build and load only these config sections (plus the language model), e.g.
+            ("vision", "projector", "layout") for understanding only; checkpoint keys of the parts left out
+            are skipped, while the parts kept load strictly.
+        language_only: shorthand for parts=().
     Raises:
         ConfigError, CheckpointError with the file and the keys involved.
     """
     model_dir = Path(model_dir)
     cfg = cfg or read_config(model_dir)
     if language_only:
-        cfg = ModelConfig(language=cfg.language, source_format=cfg.source_format, name=cfg.name)
+        parts = ()
+    if parts is not None:
+        unknown = set(parts) - set(cfg.parts)
+        if unknown:
+            raise ValueError(f"{model_dir}: the model has no parts {sorted(unknown)} (it has {sorted(cfg.parts)})")
+        cfg = ModelConfig(language=cfg.language, parts={k: v for k, v in cfg.parts.items() if k in parts},
+                          source_format=cfg.source_format, name=cfg.name)
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype) or default_dtype(device)
     model = build_model(cfg, "meta")
-    table = key_table(cfg.source_format)
-    if language_only:
-        table = KeyTable(table.name, table.rules, ignore=[_language_prefix_negation(cfg.source_format)])
     files = find_weight_files(model_dir)
     try:
-        load_weights(model, files, table, dtype=dtype, device=device)
+        load_weights(model, files, key_table(cfg.source_format), dtype=dtype, device=device, strict=parts is None)
     except CheckpointError as e:
         raise CheckpointError(f"{model_dir}: {e}") from None
     return model.eval()
-
-
-def _language_prefix_negation(source_format: str) -> str:
-    prefix = {"deepseek_vl_v2": "language\\.", "janus": "language_model\\.", "janusflow": "language_model\\.",
-              "hf_janus": "(model\\.language_model\\.|lm_head\\.)", "mmstack": "language\\."}.get(source_format, "")
-    return f"(?!{prefix})" if prefix else "(?!)"
 
 
 def save_pretrained(model: MultimodalModel, out_dir: Union[str, Path], tokenizer_dir: Optional[Union[str, Path]] = None) -> Path:

@@ -2,6 +2,7 @@
 the console script works, and the core does not import the heavy optional packages."""
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import venv
@@ -14,9 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_install_imports_all_packages(tmp_path):
+    src = tmp_path / "src"  # build from a copy: setuptools writes build/ and *.egg-info next to the sources
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(".git", "build", "*.egg-info", "__pycache__", "tests",
+                                                            ".pytest_cache", ".hypothesis", "test-artifacts"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet", "-w",
-                    str(wheels), str(REPO)], check=True, cwd=tmp_path)
+                    str(wheels), str(src)], check=True, cwd=tmp_path)
     (wheel,) = wheels.glob("mmstack-*.whl")
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(system_site_packages=True, with_pip=True).create(env_dir)
