@@ -88,3 +88,47 @@ def tokenizer_for(model_dir: Path) -> Optional[Path]:
 def manifests() -> list[Path]:
     d = golden_dir() / "manifests"
     return sorted(d.glob("*.json")) if d.is_dir() else []
+
+
+@dataclass(frozen=True)
+class UnderstandingFixture:
+    """A file with a full understanding run: `{prefix}input_ids`, pixels (`images` tiles for VL2,
+    `{prefix}pixel_values` for Janus), `{prefix}inputs_embeds`, `{prefix}logits`."""
+
+    model_dir: Path
+    file: Path
+    prefix: str
+    model_type: str
+    names: tuple
+
+    @property
+    def id(self) -> str:
+        return f"golden-{self.model_dir.name}-{self.file.stem}"
+
+    def has(self, key: str) -> bool:
+        return f"{self.prefix}{key}" in self.names
+
+
+def understanding_fixtures() -> list[UnderstandingFixture]:
+    out = []
+    for d in model_dirs():
+        mt = json.loads((d / "config.json").read_text()).get("model_type")
+        for f in sorted(d.glob("*.safetensors")):
+            if f.name == "model.safetensors":
+                continue
+            names = _tensor_names(f)
+            for key in names:
+                m = re.fullmatch(r"(.*)input_ids", key)
+                if not m:
+                    continue
+                p = m.group(1)
+                pix = f"{p}images" in names or f"{p}pixel_values" in names
+                if pix and f"{p}logits" in names and f"{p}inputs_embeds" in names:
+                    out.append(UnderstandingFixture(d, f, p, mt, tuple(sorted(names))))
+    return out
+
+
+def fixture_image(model_dir: Path) -> Path:
+    """The fixture's input image: the one PNG in its folder."""
+    (png,) = sorted(model_dir.glob("*.png"))
+    return png

@@ -173,3 +173,12 @@ register_part_rules("janusflow", [
     Rule("vision_und_enc_aligner.bias", "projector.layers.0.bias"),
     Rule("beg_of_und_embed", "layout.begin_embed"),
 ])
+
+
+def _register_pipeline() -> None:
+    from .pipeline import register
+
+    register()
+
+
+_register_pipeline()
