@@ -1,6 +1,6 @@
 """Real released sizes without weights: each named variant built on the meta device, exported through the
 inverse key table, gives exactly the official parameter names and shapes of ../shared/golden/manifests
-(language part here; the vision and generation layers extend the prefixes they cover)."""
+(language and understanding parts; the generation layer extends the prefixes covered)."""
 from __future__ import annotations
 
 import json
@@ -18,8 +18,11 @@ MANIFESTS = manifests()
 NAMES = {"deepseek-vl2-tiny": "deepseek-vl2-tiny", "deepseek-vl2-small": "deepseek-vl2-small",
          "deepseek-vl2": "deepseek-vl2", "Janus-1.3B": "janus-1.3b", "Janus-Pro-1B": "janus-pro-1b",
          "Janus-Pro-7B": "janus-pro-7b", "JanusFlow-1.3B": "janusflow-1.3b"}
-# checkpoint prefixes whose keys the built model must reproduce exactly
-COVERED = ("language.", "language_model.")
+# checkpoint prefixes whose keys the built model must reproduce exactly: language, understanding parts
+COVERED = ("language.", "language_model.",
+           "vision.", "projector.", "image_newline", "view_seperator",  # DeepSeek-VL2
+           "vision_model.", "aligner.",  # Janus
+           "vision_und_enc_model.", "vision_und_enc_aligner.", "beg_of_und_embed")  # JanusFlow
 
 
 def test_golden_manifests_cover_every_variant():
@@ -35,7 +38,7 @@ def _exported(variant: str) -> tuple[dict, object]:
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=[f"golden-manifest-{p.stem}" for p in MANIFESTS])
-def test_golden_manifest_language_names_and_shapes(path):
+def test_golden_manifest_names_and_shapes(path):
     manifest = json.loads(path.read_text())
     want = {k: tuple(v["shape"]) for k, v in manifest["state_dict"].items() if k.startswith(COVERED)}
     got, _ = _exported(NAMES[path.stem])
@@ -50,7 +53,7 @@ def test_golden_manifest_language_names_and_shapes(path):
 
 
 @pytest.mark.parametrize("path", MANIFESTS, ids=[f"golden-manifest-count-{p.stem}" for p in MANIFESTS])
-def test_golden_manifest_language_parameter_count(path):
+def test_golden_manifest_parameter_count(path):
     manifest = json.loads(path.read_text())
     want = sum(_numel(v["shape"]) for k, v in manifest["state_dict"].items() if k.startswith(COVERED))
     got, _ = _exported(NAMES[path.stem])
