@@ -184,6 +184,8 @@ def from_dict(cls: type, data: dict, where: str = "") -> Any:
         sub = _NESTED.get((cls, f.name)) or SECTION_NESTED.get((cls, f.name))
         if sub is not None and value is not None:
             value = from_dict(sub, value, f"{where}.{f.name}" if where else f.name)
+        elif isinstance(value, list) and "tuple" in str(f.type).lower():
+            value = tuple(value)  # JSON has no tuples; keep the dataclass equal after a round trip
         kwargs[f.name] = value
     try:
         return cls(**kwargs)

@@ -223,6 +223,7 @@ def read_config(source: Union[str, Path, dict], where: Optional[str] = None) -> 
 
 def _register_parts() -> None:
     """Import the packages that register config sections, part readers, builders and key rules."""
+    import mmstack.generation.parts  # noqa: F401
     import mmstack.vision.parts  # noqa: F401
 
 

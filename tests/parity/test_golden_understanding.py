@@ -11,15 +11,13 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from golden import fixture_image, golden_dir, tokenizer_for, understanding_fixtures
-from mmstack.loading import load_model
-from mmstack.tokenizer import Tokenizer
+import mmstack
 from mmstack.vision.embed import embed_janus, embed_vl2
 from mmstack.vision.pipeline import UnderstandingPipeline
 
 FIXTURES = understanding_fixtures()
 IDS = [f.id for f in FIXTURES]
 ATOL = 1e-4
-UNDERSTANDING_PARTS = ("vision", "projector", "layout", "image_processing", "chat")
 
 
 def test_golden_understanding_fixture_kinds_present():
@@ -34,20 +32,13 @@ def loaded():
     cache = {}
 
     def get(fx):
-        if fx.model_dir not in cache:
-            model = load_model(fx.model_dir, device="cpu", dtype=torch.float32,
-                               parts=tuple(p for p in UNDERSTANDING_PARTS if p in _cfg_parts(fx.model_dir)))
-            tk = Tokenizer.from_dir(tokenizer_for(fx.model_dir))
-            cache[fx.model_dir] = UnderstandingPipeline(model, tk, str(fx.model_dir))
+        if fx.model_dir not in cache:  # the whole folder, strictly, through the public API
+            cache[fx.model_dir] = mmstack.load(fx.model_dir, device="cpu", dtype=torch.float32,
+                                               tokenizer=tokenizer_for(fx.model_dir))
+            assert isinstance(cache[fx.model_dir], UnderstandingPipeline)
         return cache[fx.model_dir], load_file(fx.file)
 
     return get
-
-
-def _cfg_parts(d):
-    from mmstack.formats import read_config
-
-    return set(read_config(d).parts)
 
 
 def _embeds(pipe, io, p, fx):
