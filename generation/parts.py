@@ -177,3 +177,12 @@ register_part_rules("janusflow", [
     Rule("vision_gen_dec_aligner_norm.{rest}", "flow_head.dec_norm.{rest}"),
     Rule("vision_gen_dec_aligner.{rest}", "flow_head.dec_aligner.{rest}"),
 ])
+
+
+def _register_pipeline() -> None:
+    from .pipeline import register
+
+    register()
+
+
+_register_pipeline()

@@ -186,6 +186,8 @@ def convert_state_dict(
             continue
         ref = expected[slot.name]
         want = _slice_shape(tuple(ref.shape), slot)
+        if slot.squeeze is not None and t.dim() == len(want) - 1:
+            t = t.unsqueeze(slot.squeeze)
         if tuple(t.shape) != want:
             misshaped.append(f"{key}: checkpoint {list(t.shape)} vs model {list(want)}")
             bad_names.add(slot.name)

@@ -20,6 +20,7 @@ class Rule:
     dst: str
     stack: bool = False  # source key carries {j}: internal dst[j] (dim 0)
     part: Optional[tuple[int, int]] = None  # (k, n): chunk k of n along the slice's first dim
+    squeeze: Optional[int] = None  # the source stores the internal tensor with this (size-1) dim removed
 
     @cached_property
     def src_re(self) -> re.Pattern:
@@ -42,11 +43,12 @@ def _compile(pattern: str) -> re.Pattern:
 
 @dataclass(frozen=True)
 class Slot:
-    """Where a source tensor goes: internal `name`, expert index (or None), part (k, n) (or None)."""
+    """Where a source tensor goes: internal `name`, expert index, part (k, n), squeezed dim (or None)."""
 
     name: str
     expert: Optional[int] = None
     part: Optional[tuple[int, int]] = None
+    squeeze: Optional[int] = None
 
 
 class KeyTable:
@@ -71,11 +73,18 @@ class KeyTable:
                 continue
             g = m.groupdict()
             name = rule.dst.format(**{k: v for k, v in g.items() if k != "j"})
-            return Slot(name, int(g["j"]) if rule.stack else None, rule.part)
+            return Slot(name, int(g["j"]) if rule.stack else None, rule.part, rule.squeeze)
         return None
 
     def is_ignored(self, key: str) -> bool:
         return any(p.match(key) for p in self.ignore)
+
+    def squeezed(self, name: str) -> Optional[int]:
+        """The dim a source format drops from internal tensor `name` (e.g. a [1, N, D] position table)."""
+        for rule in self.rules:
+            if rule.squeeze is not None and rule.dst_re.match(name):
+                return rule.squeeze
+        return None
 
     # internal -> source: yields (source key, expert, part) for one internal tensor of `shape`
     def to_source(self, name: str, shape: tuple) -> Iterator[tuple[str, Optional[int], Optional[tuple[int, int]]]]:
@@ -140,5 +149,8 @@ def export_names(table: KeyTable, shapes: dict[str, tuple]) -> dict[str, tuple]:
             s = list(shape[1:]) if expert is not None else list(shape)
             if part is not None:
                 s[0] //= part[1]
+            sq = table.squeezed(name)
+            if sq is not None:
+                del s[sq]
             out[key] = tuple(s)
     return out

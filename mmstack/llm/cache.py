@@ -62,6 +62,14 @@ class KVCache:
         cp[:, self.length : end] = k_pe
         return cl[:, :end], cp[:, :end]
 
+    def truncate(self, length: int) -> None:
+        """Forget everything after the first `length` tokens (e.g. keep a prompt, redo the rest)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} tokens to {length}")
+        self.key_valid[:, length:] = False
+        self.next_pos = self.key_valid[:, :length].long().sum(-1)
+        self.length = length
+
     def nbytes_per_token(self) -> int:
         """Bytes one token occupies in the cache across all layers (MLA: (C + R) * layers * itemsize)."""
         a, b = self.layers[0]

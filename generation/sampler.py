@@ -1,0 +1,85 @@
+"""Janus autoregressive image tokens with classifier-free guidance, on the shared LLM and KV cache.
+
+Each step runs ONE batched forward over the conditional and unconditional rows, combines their head
+logits (uncond + cfg * (cond - uncond)), samples a code per image and feeds its embedding to both rows.
+Notation: n images, R = 2n rows, L prompt tokens, N image tokens (grid^2), K codebook size, D LLM width.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from mmstack import kernels
+from mmstack.decoding import make_generator
+from mmstack.kernels.sampling import cfg_combine
+
+
+def cfg_rows(prompt: list[int], n: int, pad_id: int, layout: str = "interleaved",
+             uncond: str = "official_slice") -> torch.Tensor:
+    """[2n, L] prompt rows. Unconditional rows keep BOS and the final `<begin_of_image>`; everything
+    between becomes pad ("official_slice", generation_inference.py `tokens[i, 1:-1] = pad_id`;
+    "keep_bos_boi" is transformers' rule and gives the same rows for a BOS ... BOI prompt)."""
+    ids = torch.tensor(prompt, dtype=torch.long)
+    un = ids.clone()
+    if uncond == "official_slice":
+        un[1:-1] = pad_id
+    else:
+        keep = torch.zeros_like(ids, dtype=torch.bool)
+        keep[0] = keep[-1] = True
+        un[~keep] = pad_id
+    if layout == "interleaved":
+        return torch.stack([ids, un] * n)
+    return torch.stack([ids] * n + [un] * n)
+
+
+def split_rows(x: torch.Tensor, n: int, layout: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cond [n, ...], uncond [n, ...]) from [2n, ...] rows."""
+    return (x[0::2], x[1::2]) if layout == "interleaved" else (x[:n], x[n:])
+
+
+def merge_rows(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """[n, ...] -> [2n, ...] (the same input for a cond and an uncond row)."""
+    return x.repeat_interleave(2, 0) if layout == "interleaved" else torch.cat([x, x])
+
+
+@torch.no_grad()
+def generate_codes(model, prompt: list[int], n: int, num_tokens: int, pad_id: int, cfg_weight: float = 5.0,
+                   temperature: float = 1.0, seed: Optional[int] = None, top_k: Optional[int] = None,
+                   layout: str = "interleaved", uncond: str = "official_slice",
+                   forced: Optional[torch.Tensor] = None, progress: Optional[Callable[[int, int], None]] = None,
+                   record_logits: bool = False):
+    """Sample `num_tokens` codes for each of `n` images.
+
+    Args:
+        forced: [N] or [n, N] codes to feed instead of the sampled ones (teacher forcing, for tests).
+        temperature: 0 picks the argmax; otherwise a plain multinomial over all codes (official) unless top_k.
+        progress: called as progress(done, total) after every token.
+        record_logits: also return (cond, uncond) head logits per step, [N, n, K] each.
+    Returns:
+        codes [n, N] long (and the recorded logits).
+    """
+    lm, head = model.language, model.vq_head
+    rows = cfg_rows(prompt, n, pad_id, layout, uncond).to(lm.device)
+    cache = lm.new_cache(rows.shape[0], rows.shape[1] + num_tokens)
+    gen = make_generator(seed)
+    codes = torch.empty(n, num_tokens, dtype=torch.long, device=lm.device)
+    conds, unconds = [], []
+    h = lm(input_ids=rows, cache=cache)[:, -1]  # no attention mask: pads are attended, as official
+    for i in range(num_tokens):
+        logits = head.logits(h)  # [R, K] fp32
+        cond, unc = split_rows(logits, n, layout)
+        if record_logits:
+            conds.append(cond)
+            unconds.append(unc)
+        tok = kernels.sample(cfg_combine(cond, unc, cfg_weight), temperature, top_k, None, gen)
+        if forced is not None:
+            tok = (forced[..., i] if forced.dim() > 1 else forced[i].expand(n)).to(tok.device)
+        codes[:, i] = tok
+        if progress is not None:
+            progress(i + 1, num_tokens)
+        if i + 1 < num_tokens:
+            h = lm(inputs_embeds=head.embed_codes(merge_rows(tok, layout))[:, None], cache=cache)[:, -1]
+    if record_logits:
+        return codes, (torch.stack(conds), torch.stack(unconds))
+    return codes
