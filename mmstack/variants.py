@@ -62,15 +62,15 @@ def _janus(hidden: int, layers: int, heads: int, inter: int) -> dict:
 
 
 def _janusflow() -> dict:
-    unet = dict(stride=2, kernel_size=2, padding=0, block_out_channels=[768], layers_in_middle=2, hidden_size=2048,
-                elementwise_affine=True, use_bias=True, norm_eps=1e-6, dropout=0.0, use_mid_block=True)
+    unet = dict(block_out_channels=[768], layers_in_middle=2, hidden_size=2048, elementwise_affine=True,
+                use_bias=True, norm_eps=1e-6, dropout=0.0, use_mid_block=True)
     return dict(
         model_type="multi_modality", architectures=["MultiModalityCausalLM"],
         vision_und_enc_config=dict(cls="CLIPVisionTower", model_type="vision_und_enc",
                                    params=dict(image_size=384, model_name="siglip_large_patch16_384",
                                                select_feature="same", select_layer=-1)),
         vision_gen_enc_config=dict(cls="ShallowUViTEncoder", model_type="vision_gen_enc",
-                                   params=dict(input_channels=4, **unet)),
+                                   params=dict(input_channels=4, stride=2, kernel_size=2, padding=0, **unet)),
         vision_gen_dec_config=dict(cls="ShallowUViTDecoder", model_type="vision_gen_dec",
                                    params=dict(in_channels=768, out_channels=4, upsamples=1, **unet)),
         language_config=dict(model_type="llama", vocab_size=102400, hidden_size=2048, intermediate_size=5632,
@@ -118,8 +118,33 @@ def _merge(base: dict, upd: dict) -> dict:
     return out
 
 
-# Extra debug shrinks contributed by other layers (vision, generation): family -> list of updates.
-DEBUG_PART_SHRINKS: dict[str, list[dict]] = {}
+_DEBUG_SIGLIP = {"siglip_debug": dict(image_size=32, patch_size=16, width=32, layers=2, heads=2, mlp_ratio=4,
+                                      global_pool="map")}
+_DEBUG_VISION_PARAMS = dict(model_name="siglip_debug", image_size=32)
+# Debug shrinks of the non-language parts, per family (nested updates of the official config.json).
+DEBUG_PART_SHRINKS: dict[str, list[dict]] = {
+    "vl2": [dict(
+        candidate_resolutions=[[28, 28], [28, 56], [56, 28], [56, 56]],
+        vision_config=dict(image_size=28, width=32, layers=2, heads=2),
+        projector_config=dict(input_dim=32, n_embed=64),
+    )],
+    "janus": [dict(
+        _golden_overrides=dict(siglip_model_config=_DEBUG_SIGLIP, vq_model={"VQ-debug": dict(
+            codebook_size=64, codebook_embed_dim=8, encoder_ch_mult=[1, 1, 2], decoder_ch_mult=[1, 1, 2], z_channels=32,
+            ch=32, num_res_blocks=1)}),
+        vision_config=dict(params=_DEBUG_VISION_PARAMS),
+        aligner_config=dict(params=dict(input_dim=32, n_embed=64)),
+        gen_vision_config=dict(cls="VQ-debug", params=dict(image_token_size=64, n_embed=8)),
+        gen_aligner_config=dict(params=dict(n_embed=64)),
+        gen_head_config=dict(params=dict(image_token_embed=64, image_token_size=64, n_embed=64)),
+    )],
+    "janusflow": [dict(
+        _golden_overrides=dict(siglip_model_config=_DEBUG_SIGLIP),
+        vision_und_enc_config=dict(params=_DEBUG_VISION_PARAMS),
+        vision_gen_enc_config=dict(params=dict(block_out_channels=[32], hidden_size=64)),
+        vision_gen_dec_config=dict(params=dict(in_channels=32, block_out_channels=[32], hidden_size=64)),
+    )],
+}
 
 
 def canonical_name(name: str) -> str:

@@ -60,7 +60,7 @@ class VisionTower(nn.Module):
         self.tower = VisionTransformer(
             img_size=cfg.image_size, patch_size=cfg.patch_size, embed_dim=cfg.width, depth=cfg.layers,
             num_heads=cfg.heads, mlp_ratio=cfg.mlp_ratio, class_token=False, global_pool=cfg.global_pool,
-            num_classes=0, act_layer=act, norm_layer=partial(nn.LayerNorm, eps=cfg.ln_eps), weight_init="skip",
+            num_classes=0, act_layer=act, norm_layer=partial(nn.LayerNorm, eps=cfg.ln_eps),
             device=device, dtype=dtype,
         )
 
