@@ -132,3 +132,21 @@ def fixture_image(model_dir: Path) -> Path:
     """The fixture's input image: the one PNG in its folder."""
     (png,) = sorted(model_dir.glob("*.png"))
     return png
+
+
+def fixture_files_with(*keys: str) -> list[tuple[Path, Path]]:
+    """(model folder, file) for every fixture file holding all `keys`."""
+    out = []
+    for d in model_dirs():
+        for f in sorted(d.glob("*.safetensors")):
+            if f.name in ("model.safetensors",):
+                continue
+            names = _tensor_names(f)
+            if all(k in names for k in keys):
+                out.append((d, f))
+    return out
+
+
+def meta(model_dir: Path) -> dict:
+    p = model_dir / "meta.json"
+    return json.loads(p.read_text()) if p.exists() else {}
