@@ -12,6 +12,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load": ("mmstack.api", "load"),
+    "describe": ("mmstack.api", "describe"),
+    "generate": ("mmstack.api", "generate"),
     "Pipeline": ("mmstack.api", "Pipeline"),
     "CapabilityError": ("mmstack.api", "CapabilityError"),
     "SamplingParams": ("mmstack.decoding", "SamplingParams"),

@@ -217,3 +217,35 @@ def load(name_or_dir: Union[str, Path], device=None, dtype=None, tokenizer: Opti
     if options:
         raise TypeError(f"unknown load options {sorted(options)}")
     return Pipeline(model, tk, source=str(d))
+
+
+_DEFAULT: dict = {}
+
+
+def default_model_dir() -> Path:
+    """The embedded demo model shipped as package data (`mmstack.assets/demo-model`)."""
+    from mmstack.assets import ROOT
+
+    d = ROOT / "demo-model"
+    if not (d / "config.json").exists():
+        raise FileNotFoundError(
+            f"the embedded demo model is not in this installation ({d}); pass a model folder to mmstack.load instead"
+        )
+    return d
+
+
+def default_pipeline(device=None) -> Pipeline:
+    key = str(device)
+    if key not in _DEFAULT:
+        _DEFAULT[key] = load(default_model_dir(), device=device)
+    return _DEFAULT[key]
+
+
+def describe(image, prompt: Optional[str] = None, **sampling) -> str:
+    """Describe an image with the embedded default model."""
+    return default_pipeline().describe(image, prompt, **sampling)
+
+
+def generate(prompt: str, **options):
+    """Generate images for `prompt` with the embedded default model (returns a list of PIL images)."""
+    return default_pipeline().generate(prompt, **options)

@@ -107,3 +107,15 @@ def test_text_only_model_refuses_understanding(tmp_path):
     pipe = mmstack.load(tmp_path, device="cpu")
     with pytest.raises(CapabilityError, match="cannot describe images"):
         pipe.describe(_img(10, 10))
+
+
+def test_official_checkpoints_use_the_official_image_policy_and_calls_can_override(vl2):
+    from mmstack.vision import image_io
+
+    assert vl2.policy == image_io.OFFICIAL  # convert("RGB"): alpha dropped, EXIF ignored (goldens rely on it)
+    rgba = Image.new("RGBA", (4, 4), (200, 10, 10, 0))
+    assert image_io.load_image(rgba, vl2.policy).getpixel((0, 0)) == (200, 10, 10)
+    native = mmstack.load(golden_dir() / "vl2_tiny_mla_moe", device="cpu", tokenizer=golden_dir() / "vl2_tokenizer",
+                          image_policy="native")
+    assert native.policy.composite_alpha and native.policy.exif_transpose
+    assert image_io.load_image(rgba, native.policy).getpixel((0, 0)) == (127, 127, 127)
