@@ -225,6 +225,7 @@ def _register_parts() -> None:
     """Import the packages that register config sections, part readers, builders and key rules."""
     import mmstack.generation.parts  # noqa: F401
     import mmstack.vision.parts  # noqa: F401
+    import mmstack.vision.hf_janus  # noqa: F401
 
 
 # The key table for each source format (`mmstack.io.keymaps`).
