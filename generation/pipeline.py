@@ -16,6 +16,14 @@ from .vq import to_uint8
 MAX_IMAGES_PER_CALL = 16
 
 
+def generation_prompt_ids(tokenizer, chat, prompt: str, mode: str) -> list[int]:
+    """The official generation prompt: chat template without system prompt + the start tag, with BOS."""
+    tag = chat.image_start_tag if mode == "vq" else (chat.gen_tag or chat.image_start_tag)
+    tokenizer.token_id(tag)  # a clear error if the tokenizer lacks it
+    text = chat.prompt([{"role": "user", "content": prompt}], system_prompt="").strip() + tag
+    return tokenizer.encode(text)
+
+
 class GenerationMixin:
     """Adds `generate` to a Pipeline whose model has a VQ (`vq_head`) or flow (`flow_head`) path."""
 
@@ -37,11 +45,7 @@ class GenerationMixin:
         """`{user}: {prompt}\\n\\n{assistant}:` + the generation start tag, with BOS (no system prompt)."""
         if self.tokenizer is None:
             raise CapabilityError(f"{self.source}: generation needs a tokenizer")
-        chat = self._gen_chat()
-        tag = chat.image_start_tag if mode == "vq" else (chat.gen_tag or chat.image_start_tag)
-        self.tokenizer.token_id(tag)  # a clear error if the tokenizer lacks it
-        text = chat.prompt([{"role": "user", "content": prompt}], system_prompt="").strip() + tag
-        return self.tokenizer.encode(text)
+        return generation_prompt_ids(self.tokenizer, self._gen_chat(), prompt, mode)
 
     def _check(self, prompt, n, cfg, temperature, steps, size, image_size):
         if not isinstance(prompt, str) or not prompt.strip():

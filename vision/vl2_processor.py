@@ -36,6 +36,7 @@ class VL2Tokens:
     images_seq_mask: list[bool] = field(default_factory=list)  # [T], True on every image-span slot
     images_spatial_crop: list[tuple[int, int]] = field(default_factory=list)  # [I] of (tw, th)
     num_image_tokens: list[int] = field(default_factory=list)  # [I]
+    assistant_mask: list[bool] = field(default_factory=list)  # [T], True on assistant content + its EOS
 
 
 class VL2Processor:
@@ -101,6 +102,7 @@ class VL2Processor:
         out, sizes = VL2Tokens(), iter(image_sizes)
         self._add(out, [self.tokenizer.bos_id], False)
         for text, _, eos in turns:
+            answer = eos and not isinstance(conversation, str)  # assistant turns end with EOS
             for k, piece in enumerate(text.split(self.image_token)):
                 if k:
                     tw, th = self.cfg.tiles_for(next(sizes), cropping)
@@ -108,12 +110,13 @@ class VL2Processor:
                     self._add(out, [self.image_token_id] * n, True)
                     out.images_spatial_crop.append((tw, th))
                     out.num_image_tokens.append(n)
-                self._add(out, self.tokenizer.encode(piece, bos=False), False)
+                self._add(out, self.tokenizer.encode(piece, bos=False), False, answer)
             if eos:
-                self._add(out, [self.tokenizer.eos_id], False)
+                self._add(out, [self.tokenizer.eos_id], False, answer)
         if inference_mode and out.input_ids[-1] == self.tokenizer.eos_id and len(out.input_ids) > 1:
             out.input_ids.pop()
             out.images_seq_mask.pop()
+            out.assistant_mask.pop()
         return out
 
     def _turns(self, messages: Sequence[Message]) -> list[tuple[str, bool, bool]]:
@@ -135,9 +138,10 @@ class VL2Processor:
         return turns
 
     @staticmethod
-    def _add(out: VL2Tokens, ids: list[int], is_image: bool) -> None:
+    def _add(out: VL2Tokens, ids: list[int], is_image: bool, is_answer: bool = False) -> None:
         out.input_ids += ids
         out.images_seq_mask += [is_image] * len(ids)
+        out.assistant_mask += [is_answer] * len(ids)
 
     # ------------------------------------------------------------------------------ pixels + batching
     def __call__(self, conversations, images=None, inference_mode: bool = True) -> dict:
@@ -185,6 +189,7 @@ class VL2Processor:
         input_ids = torch.full((B, T), self.tokenizer.pad_id, dtype=torch.long)
         attention_mask = torch.zeros(B, T, dtype=torch.long)
         seq_mask = torch.zeros(B, T, dtype=torch.bool)
+        answer = torch.zeros(B, T, dtype=torch.bool)
         images = torch.zeros(B, N, 3, S, S, dtype=torch.float32)
         crops = torch.zeros(B, I, 2, dtype=torch.long)
         for b, (toks, pixels, crop) in enumerate(samples):
@@ -192,6 +197,7 @@ class VL2Processor:
             input_ids[b, T - L:] = torch.tensor(toks.input_ids, dtype=torch.long)
             attention_mask[b, T - L:] = 1
             seq_mask[b, T - L:] = torch.tensor(toks.images_seq_mask, dtype=torch.bool)
+            answer[b, T - L:] = torch.tensor(toks.assistant_mask, dtype=torch.bool)
             images[b, : pixels.shape[0]] = pixels
             crops[b, : len(crop)] = torch.tensor(crop, dtype=torch.long)
         return {
@@ -200,5 +206,6 @@ class VL2Processor:
             "images": images,
             "images_seq_mask": seq_mask,
             "images_spatial_crop": crops,
+            "assistant_mask": answer,
             "num_image_tokens": [t.num_image_tokens for t, _, _ in samples],
         }

@@ -1,0 +1,142 @@
+"""Fine-tuning data: LLaVA JSON, ShareGPT JSON/JSONL and messages JSONL, normalised to one `Example`
+type; image paths are relative to the data file. Validation reports `file:line` for each problem.
+
+    LLaVA:    [{"id", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}]
+    ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}], "images": [...]}
+    messages: {"messages": [{"role": "user"|"assistant"|"system", "content": ...}], "images": [...]}
+    t2i:      {"prompt": "...", "image": "x.png"}   (text-to-image pairs, for generation training)
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Optional, Union
+
+IMAGE_TAG = "<image>"
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+          "system": "system"}
+
+
+class DataError(ValueError):
+    """Bad training data; the message lists `file:line: problem` entries."""
+
+
+@dataclass
+class Example:
+    id: str
+    where: str  # file:line
+    messages: list = field(default_factory=list)  # [{"role", "content" (str with <image> tags)}]
+    images: list = field(default_factory=list)  # absolute paths
+    prompt: Optional[str] = None  # t2i pairs
+    task: Optional[str] = None
+
+    @property
+    def is_t2i(self) -> bool:
+        return self.prompt is not None
+
+
+def _records(path: Path) -> Iterator[tuple[int, object]]:
+    """(line number, parsed object) for JSONL, or (1-based index, item) for a JSON list/object."""
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as f:
+            for n, raw in enumerate(f, 1):
+                if not raw.strip():
+                    continue
+                try:
+                    yield n, json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError) as e:
+                    yield n, DataError(f"not valid UTF-8 JSON ({type(e).__name__})")
+        return
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        yield 1, DataError(f"not valid UTF-8 JSON ({e})")
+        return
+    for n, item in enumerate(data if isinstance(data, list) else [data], 1):
+        yield n, item
+
+
+def _normalise(obj, base: Path, where: str, idx: int) -> Example:
+    if not isinstance(obj, dict):
+        raise DataError("a record must be a JSON object")
+    ex_id = str(obj.get("id", f"{base.name}-{idx}"))
+    images = obj.get("images", obj.get("image", []))
+    images = [images] if isinstance(images, str) else list(images or [])
+    paths = [str((base / p)) if not Path(p).is_absolute() else p for p in images]
+    if "prompt" in obj and "messages" not in obj and "conversations" not in obj:
+        return Example(ex_id, where, images=paths, prompt=str(obj["prompt"]), task="t2i")
+    if "messages" in obj:
+        msgs = [{"role": m.get("role"), "content": m.get("content")} for m in obj["messages"]]
+    elif "conversations" in obj:
+        msgs = [{"role": _ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")} for m in obj["conversations"]]
+    else:
+        raise DataError("no 'messages', 'conversations' or 'prompt' field")
+    for m in msgs:
+        if m["role"] not in ("user", "assistant", "system"):
+            raise DataError(f"unknown role {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise DataError(f"{m['role']} content must be a string")
+    return Example(ex_id, where, messages=msgs, images=paths, task=obj.get("task"))
+
+
+def problems(ex: Example, check_images: bool = True) -> list[str]:
+    """What is wrong with an example (empty list when it is usable)."""
+    out = []
+    if ex.is_t2i:
+        if not ex.prompt.strip():
+            out.append("empty prompt")
+        if len(ex.images) != 1:
+            out.append(f"a text-to-image pair needs exactly one image, got {len(ex.images)}")
+    else:
+        tags = sum(m["content"].count(IMAGE_TAG) for m in ex.messages)
+        if tags != len(ex.images):
+            out.append(f"{tags} {IMAGE_TAG} tag(s) but {len(ex.images)} image(s)")
+        answers = [m for m in ex.messages if m["role"] == "assistant"]
+        if not answers:
+            out.append("no assistant turn")
+        if any(not m["content"].strip() for m in answers):
+            out.append("empty assistant turn")
+    if check_images:
+        from PIL import Image
+
+        for p in ex.images:
+            if not Path(p).is_file():
+                out.append(f"missing image {p}")
+                continue
+            try:
+                with Image.open(p) as im:
+                    im.verify()
+            except Exception as e:  # any decoder failure is "unreadable"
+                out.append(f"unreadable image {p} ({type(e).__name__})")
+    return out
+
+
+def load_examples(paths: Union[str, Path, list], skip_bad: bool = False, check_images: bool = True
+                  ) -> tuple[list[Example], list[str]]:
+    """Read and validate data files. Returns (examples, skipped problems).
+
+    Raises DataError listing every `file:line: problem` unless `skip_bad`, which drops and reports them.
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    good, bad = [], []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise DataError(f"{path}: no such data file")
+        for n, obj in _records(path):
+            where = f"{path}:{n}"
+            try:
+                if isinstance(obj, DataError):
+                    raise obj
+                ex = _normalise(obj, path.parent, where, n)
+                issues = problems(ex, check_images)
+            except DataError as e:
+                issues = [str(e)]
+            if issues:
+                bad.extend(f"{where}: {p}" for p in issues)
+            else:
+                good.append(ex)
+    if bad and not skip_bad:
+        shown = "\n".join(bad[:20]) + (f"\n... and {len(bad) - 20} more" if len(bad) > 20 else "")
+        raise DataError(f"{len(bad)} problem(s) in the training data (use --skip-bad to drop them):\n{shown}")
+    return good, bad

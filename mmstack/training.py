@@ -1,0 +1,89 @@
+"""Training objectives on the shared model (the fine-tuning app drives them; the math lives here).
+
+- `understanding_loss`: next-token cross-entropy on assistant tokens only (images spliced as at inference).
+- `vq_generation_loss`: cross-entropy on VQ image codes after the prompt (Janus generation head).
+- `flow_generation_loss`: rectified-flow velocity MSE (JanusFlow), x_t = t x1 + (1 - t) x0, target x1 - x0.
+- `vq_tokenizer_loss`: reconstruction + codebook + commitment losses of the VQ tokenizer.
+Notation: B batch, T tokens, L prompt tokens, N image codes, K codebook size, V vocab.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+def embed_batch(model, batch: dict) -> torch.Tensor:
+    """Token + image embeddings for a processed batch (VL2 tiles or Janus square images)."""
+    from mmstack.vision.embed import embed_janus, embed_vl2
+
+    if not model.has_part("vision") or ("images" not in batch and "pixel_values" not in batch):
+        return model.language.embed_tokens(batch["input_ids"])
+    if "images_spatial_crop" in batch:
+        return embed_vl2(model, batch["input_ids"], batch["images"], batch["images_seq_mask"], batch["images_spatial_crop"])
+    return embed_janus(model, batch["input_ids"], batch["pixel_values"], batch["images_seq_mask"], batch["images_emb_mask"])
+
+
+def understanding_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over assistant tokens. batch: processor outputs + `assistant_mask` [B,T].
+
+    Returns (loss, number of target tokens).
+    """
+    emb = embed_batch(model, batch)
+    lm = model.language
+    h = lm(inputs_embeds=emb, attention_mask=batch["attention_mask"])
+    target = batch["assistant_mask"][:, 1:] & batch["attention_mask"][:, 1:].bool()
+    n = int(target.sum())
+    if n == 0:
+        return h.sum() * 0.0, 0
+    logits = lm.logits(h[:, :-1][target])  # [n, V] only where a target exists
+    return F.cross_entropy(logits, batch["input_ids"][:, 1:][target]), n
+
+
+def vq_generation_loss(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """prompt_ids/prompt_mask [B,L] (left padded, ending with <begin_of_image>), codes [B,N] -> mean CE."""
+    lm, head = model.language, model.vq_head
+    emb = torch.cat([lm.embed_tokens(prompt_ids), head.embed_codes(codes[:, :-1])], 1)  # [B, L+N-1, D]
+    mask = torch.cat([prompt_mask, torch.ones_like(codes[:, :-1])], 1)
+    h = lm(inputs_embeds=emb, attention_mask=mask)
+    logits = head.logits(h[:, prompt_ids.shape[1] - 1 :])  # [B, N, K]: position L-1 predicts code 0
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), codes.reshape(-1))
+
+
+def flow_generation_loss(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, latents: torch.Tensor,
+                         generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Rectified flow: velocity MSE at a random t for VAE latents x1 [B,C,H,W] (prompt's last token is
+    dropped; t_emb takes its slot, as in sampling)."""
+    from mmstack.generation.flow import velocity
+
+    lm, fh = model.language, model.flow_head
+    b = latents.shape[0]
+    x1 = latents.float()
+    x0 = torch.randn(x1.shape, generator=generator).to(x1.device)
+    t = torch.rand(b, generator=generator).to(x1.device)
+    xt = (t.view(-1, 1, 1, 1) * x1 + (1 - t.view(-1, 1, 1, 1)) * x0).to(lm.dtype)
+    x_emb, t_emb, hs = model.flow_encoder(xt, t * 1000)
+    img = fh.enc_aligner(x_emb.flatten(2).transpose(1, 2))
+    emb = torch.cat([lm.embed_tokens(prompt_ids)[:, :-1], t_emb[:, None], img], 1)
+    mask = torch.cat([prompt_mask[:, :-1], torch.ones(b, 1 + img.shape[1], dtype=prompt_mask.dtype, device=x1.device)], 1)
+    pos = torch.arange(emb.shape[1], device=x1.device).expand(b, -1)
+    h = lm(inputs_embeds=emb, attention_mask=mask, positions=pos)
+    g = x_emb.shape[-1]
+    v = velocity(model, h[:, -g * g:], hs, t_emb, g).float()
+    return F.mse_loss(v, x1 - x0)
+
+
+def vq_tokenizer_loss(vq, images: torch.Tensor, beta: float = 0.25) -> tuple[torch.Tensor, dict]:
+    """images [B,3,H,W] in [-1,1] -> (total loss, parts). L2-normalised codebook as the official VQ-16."""
+    z = vq.pre_quant(images)  # [B,D,h,w]
+    zn = F.normalize(z, dim=1) if vq.quantize.l2_norm else z
+    _, idx = vq.quantize(z)
+    e = vq.quantize.lookup(idx, zn.shape)  # differentiable w.r.t. the codebook
+    codebook = F.mse_loss(e, zn.detach())
+    commit = F.mse_loss(zn, e.detach())
+    rec = vq.decode(zn + (e - zn).detach())  # straight-through
+    recon = F.mse_loss(rec, images) + F.l1_loss(rec, images)
+    total = recon + codebook + beta * commit
+    return total, {"recon": recon.detach(), "codebook": codebook.detach(), "commit": commit.detach(),
+                   "codes_used": int(idx.unique().numel())}
