@@ -24,6 +24,7 @@ LAZY_COMMANDS = {
     "synth": ("mmstack.apps.synth", "write a deterministic synthetic image-text dataset"),
     "finetune": ("mmstack.apps.finetune", "fine-tune on image-text data (LLaVA, ShareGPT, messages JSONL)"),
     "eval-demo": ("mmstack.apps.eval_demo", "score the embedded demo model on a held-out synthetic set"),
+    "build-demo": ("mmstack.apps.recipe", "re-create the embedded demo model from its recipe (synth + finetune)"),
     "bench": ("mmstack.bench", "side-by-side benchmarks against transformers"),
 }
 
