@@ -5,8 +5,8 @@ Two policies. `OFFICIAL` reproduces the official DeepSeek-VL2 / Janus loaders, w
 EXIF orientation ignored. `NATIVE` composites transparency onto a grey background and applies EXIF
 orientation, which is what a photo viewer shows.
 
-Both policies scale high-bit-depth pixels to 8 bits, where `convert("RGB")` clips them (a 16-bit PNG comes
-out nearly white through the official loader):
+`NATIVE` scales high-bit-depth pixels to 8 bits, where `convert("RGB")` (and so `OFFICIAL`) clips them (a
+16-bit PNG comes out nearly white through the official loader):
     I;16*          v >> 8 (the high byte)
     I (32-bit)     kept when all values lie in 0..255, else clipped to 0..65535 and v >> 8
     F (float)      v * 255 when all values lie in 0..1, else clipped to 0..255
@@ -51,10 +51,13 @@ class ImagePolicy:
         background: RGB colour under transparent pixels when `composite_alpha`.
         max_pixels: largest accepted width * height, checked before decoding.
         max_bytes: largest accepted size of `bytes` and file-object inputs (paths are not limited).
+        scale_high_bit_depth: scale 16-bit / float files to 8 bits; False converts them as PIL
+            `convert("RGB")` does (clipping), as the official loaders.
     """
 
     composite_alpha: bool
     exif_transpose: bool
+    scale_high_bit_depth: bool = True
     background: tuple[int, int, int] = (127, 127, 127)
     max_pixels: int = 64_000_000
     max_bytes: int = 64 * 1024 * 1024
@@ -66,7 +69,7 @@ class ImagePolicy:
             raise ValueError(f"max_pixels and max_bytes must be positive, got {self.max_pixels}, {self.max_bytes}")
 
 
-OFFICIAL = ImagePolicy(composite_alpha=False, exif_transpose=False)
+OFFICIAL = ImagePolicy(composite_alpha=False, exif_transpose=False, scale_high_bit_depth=False)
 NATIVE = ImagePolicy(composite_alpha=True, exif_transpose=True)
 
 
@@ -181,7 +184,8 @@ def _convert(im: Image.Image, policy: ImagePolicy) -> Image.Image:
     """Any PIL mode -> a new RGB image following `policy`."""
     if policy.exif_transpose:
         im = ImageOps.exif_transpose(im)
-    im = _to_8bit(im)
+    if policy.scale_high_bit_depth:
+        im = _to_8bit(im)
     has_alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
     if policy.composite_alpha and has_alpha:
         background = Image.new("RGBA", im.size, (*policy.background, 255))
