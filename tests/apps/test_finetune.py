@@ -98,7 +98,7 @@ def test_resume_after_a_stop_matches_the_uninterrupted_curve(data, tmp_path):
     run(TrainArgs(out=str(tmp_path / "b"), stop_after=5, **common))  # "killed" after step 5, checkpoint at 3
     assert len(_losses(tmp_path / "b")) == 5
     b = run(TrainArgs(out=str(tmp_path / "b"), resume=True, **common))
-    assert np.allclose(_losses(a), _losses(b), rtol=0, atol=1e-6), (_losses(a), _losses(b))
+    assert np.allclose(_losses(a), _losses(b), rtol=1e-6, atol=1e-5), (_losses(a), _losses(b))
 
 
 def test_generation_tasks_train(data, tmp_path):
