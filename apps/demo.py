@@ -1,0 +1,407 @@
+"""The web demo: chat about images, text to image, and documents (OCR, chart to table).
+
+    mmstack demo --model DIR                 # http://127.0.0.1:7860
+    python -m mmstack.apps.demo --model DIR
+
+`build_app(pipe)` returns the `gr.Blocks`. Every event is an API endpoint with a stable name for
+`gradio_client`: /chat, /regenerate, /clear, /generate, /ocr, /chart. The app calls only the public
+Pipeline API (`chat`, `describe`, `generate`) and the grounding helpers; no model code lives here.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import ipaddress
+import logging
+import os
+import re
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+# A local demo should not phone home; an explicit GRADIO_ANALYTICS_ENABLED still wins.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+
+from mmstack.api import CapabilityError, Pipeline  # noqa: E402
+from mmstack.vision.grounding import draw_boxes, parse_boxes, strip_grounding  # noqa: E402
+from mmstack.vision.image_io import NATIVE, load_image  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+OCR_PROMPT = "Read the text in the image."
+CHART_PROMPT = "Convert the chart to a table."
+# Defaults of the official demos (VL2 web_demo.py; Janus app_januspro.py / app_janusflow.py).
+CHAT_DEFAULTS = dict(temperature=0.1, top_p=0.9, max_new_tokens=512, repetition_penalty=1.1)
+CFG_DEFAULTS = {"vq": 5.0, "flow": 2.0}
+SEED_DEFAULT = 12345
+# One model serves every tab: all model events share one queue slot.
+MODEL_QUEUE = dict(concurrency_limit=1, concurrency_id="model")
+
+
+@contextlib.contextmanager
+def _user_errors():
+    """Show failures (bad image, too many images, prompt too long ...) in the UI as one line."""
+    try:
+        yield
+    except gr.Error:
+        raise
+    except Exception as e:  # the UI boundary: log the traceback, show the message
+        log.exception("demo request failed")
+        raise gr.Error(f"{type(e).__name__}: {e}") from e
+
+
+def to_model_messages(history: list) -> list[dict]:
+    """gr.Chatbot messages (text and file parts) -> transformers-style messages for `pipe.chat`."""
+    out = []
+    for m in history:
+        parts = m["content"] if isinstance(m["content"], list) else [m["content"]]
+        content = []
+        for p in parts:
+            if isinstance(p, str):
+                content.append({"type": "text", "text": p})
+            elif p.get("type") == "text":
+                content.append({"type": "text", "text": p["text"]})
+            elif "file" in p or "path" in p:
+                content.append({"type": "image", "path": (p.get("file") or p)["path"]})
+        if m["role"] == "assistant":  # images belong in user turns
+            content = "".join(c["text"] for c in content if c["type"] == "text")
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
+def _last_image(messages: list[dict]) -> Optional[str]:
+    paths = [c["path"] for m in messages if isinstance(m["content"], list) for c in m["content"] if c["type"] == "image"]
+    return paths[-1] if paths else None
+
+
+def parse_markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
+    """(header, rows) of the first `|`-separated table in `text`; ([], []) when there is none.
+
+    Separator lines (`|---|:--:|`) are skipped; rows are padded or cut to the header's width.
+    """
+    lines = text.replace("<0x0A>", "\n").splitlines()  # DePlot-style answers spell newlines out
+    rows: list[list[str]] = []
+    for line in lines:
+        if "|" not in line:
+            if rows:
+                break
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if all(re.fullmatch(r":?-+:?", c) or not c for c in cells):
+            continue
+        rows.append(cells)
+    if not rows:
+        return [], []
+    header = rows[0]
+    body = [(r + [""] * len(header))[: len(header)] for r in rows[1:]]
+    return header, body
+
+
+def chart_table(text: str) -> tuple[list[str], list[list[str]]]:
+    """The chart answer as (header, rows): `mmstack.apps.chart.parse_table` when present, else our own parser."""
+    try:
+        from mmstack.apps.chart import parse_table
+    except ImportError:
+        return parse_markdown_table(text)
+    table = parse_table(text)
+    return list(table.columns), [list(r) for r in table.rows]
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Dataframe headers must be unique and non-empty."""
+    out: list[str] = []
+    for i, n in enumerate(names):
+        name = n or f"column {i + 1}"
+        while name in out:
+            name += "'"
+        out.append(name)
+    return out
+
+
+def pdf_page(path: str, page: int):
+    """One page (1-based) of a PDF as an RGB PIL image, rendered like the batch OCR does (144 dpi, capped)."""
+    try:
+        import pypdfium2
+    except ImportError:
+        raise gr.Error("Reading PDFs needs pypdfium2 (pip install pypdfium2); upload an image instead.") from None
+    from mmstack.apps.batch import PdfPage
+
+    doc = pypdfium2.PdfDocument(path)
+    count = len(doc)
+    doc.close()
+    if not 1 <= page <= count:
+        raise gr.Error(f"Page {page} does not exist: this PDF has {count} page(s).")
+    return PdfPage(path, page - 1).render()
+
+
+class Handlers:
+    """The event functions of the demo, bound to one pipeline (apart from the layout so tests can call them)."""
+
+    def __init__(self, pipe: Pipeline, work_dir: Optional[Path] = None):
+        self.pipe = pipe
+        self.policy = getattr(pipe, "policy", NATIVE)  # load boxed images as the pipeline loads them
+        # In the system temp folder, which gradio serves files from.
+        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="mmstack-demo-"))
+
+    # ------------------------------------------------------------------ chat
+    def chat(self, message: Optional[dict], history: Optional[list], temperature, top_p, max_new_tokens,
+             repetition_penalty):
+        """Append the user turn (text + images) and stream the answer. Yields (history, textbox, boxes)."""
+        message = message or {}
+        text = (message.get("text") or "").strip()
+        files = [f if isinstance(f, str) else f["path"] for f in message.get("files") or []]
+        if not text and not files:
+            raise gr.Error("Type a question or attach an image.")
+        content: list = [{"path": p} for p in files]  # gradio fills in the mime type, so images show inline
+        if text:
+            content.append({"type": "text", "text": text})
+        history = list(history or []) + [{"role": "user", "content": content}]
+        yield history, None, gr.Image(value=None, visible=False)
+        sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                        repetition_penalty=repetition_penalty)
+        for hist, boxes in self._answer(history, sampling):
+            yield hist, gr.skip(), boxes
+
+    def regenerate(self, history: Optional[list], temperature, top_p, max_new_tokens, repetition_penalty):
+        """Drop the last answer and answer the last user turn again. Yields (history, boxes)."""
+        history = list(history or [])
+        while history and history[-1]["role"] == "assistant":
+            history.pop()
+        if not history:
+            raise gr.Error("Nothing to regenerate: ask something first.")
+        yield history, gr.Image(value=None, visible=False)
+        sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
+                        repetition_penalty=repetition_penalty)
+        yield from self._answer(history, sampling)
+
+    def clear(self):
+        return [], None, gr.Image(value=None, visible=False)
+
+    def _answer(self, history: list, sampling: dict):
+        messages = to_model_messages(history)
+        sampling["max_new_tokens"] = int(sampling["max_new_tokens"])
+        raw = ""
+        with _user_errors():
+            for delta in self.pipe.chat(messages, stream=True, **sampling):
+                raw += delta
+                yield history + [{"role": "assistant", "content": strip_grounding(raw)}], gr.skip()
+            yield history + [{"role": "assistant", "content": strip_grounding(raw)}], self._boxes_view(raw, messages)
+
+    def _boxes_view(self, answer: str, messages: list[dict]):
+        """The last image with the answer's `<|det|>` boxes drawn, or a hidden image when there are none."""
+        path = _last_image(messages)
+        if "<|det|>" in answer and path is not None:
+            image = load_image(path, self.policy)
+            boxes = parse_boxes(answer, image.width, image.height)
+            if boxes:
+                return gr.Image(value=draw_boxes(image, boxes), visible=True)
+        return gr.Image(value=None, visible=False)
+
+    # ------------------------------------------------------------------ text to image
+    def generate(self, prompt: str, n, seed, cfg, temperature, steps, mode: Optional[str] = None,
+                 progress=gr.Progress()):
+        """`pipe.generate` with the controls of the chosen mode; returns the images for the gallery."""
+        modes = self.pipe.generation_modes
+        mode = mode if mode in modes else modes[0]
+        options = dict(temperature=float(temperature)) if mode == "vq" else dict(steps=int(steps))
+        if len(modes) > 1:
+            options["mode"] = mode
+        seed = None if seed is None or seed < 0 else int(seed)
+        progress(0, desc="Generating")
+        with _user_errors():
+            return self.pipe.generate(prompt, n=int(n), seed=seed, cfg=float(cfg),
+                                      progress=lambda done, total: progress((done, total), desc="Generating"),
+                                      **options)
+
+    # ------------------------------------------------------------------ documents
+    def _document(self, path: Optional[str], page):
+        if not path:
+            raise gr.Error("Upload an image or a PDF first.")
+        with open(path, "rb") as f:
+            is_pdf = f.read(5) == b"%PDF-"
+        with _user_errors():
+            return pdf_page(path, int(page or 1)) if is_pdf else load_image(path, self.policy)
+
+    def ocr(self, path: Optional[str], page, max_new_tokens):
+        """(page image, text read from it)."""
+        image = self._document(path, page)
+        with _user_errors():
+            text = self.pipe.describe(image, OCR_PROMPT, max_new_tokens=int(max_new_tokens), temperature=0.0)
+        return image, text
+
+    def chart(self, path: Optional[str], page, max_new_tokens):
+        """(page image, table, CSV file, the model's answer)."""
+        import pandas as pd
+
+        image = self._document(path, page)
+        with _user_errors():
+            answer = self.pipe.describe(image, CHART_PROMPT, max_new_tokens=int(max_new_tokens), temperature=0.0)
+        header, rows = chart_table(answer)
+        if not header:
+            gr.Warning("No table found in the answer; see the model's answer below.")
+            return image, pd.DataFrame(), None, answer
+        with tempfile.NamedTemporaryFile("w", suffix=".csv", prefix="table-", dir=self.work_dir, delete=False,
+                                         newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([header, *rows])
+        return image, pd.DataFrame(rows, columns=_unique(header)), f.name, answer
+
+
+# ---------------------------------------------------------------------------------------------- layout
+
+
+def _understands(pipe: Pipeline) -> bool:
+    return type(pipe).chat is not Pipeline.chat
+
+
+def _max_new_tokens(h: Handlers, default: int) -> gr.Slider:
+    """Up to the model's context; the default leaves room for the prompt and images of small models."""
+    context = h.pipe.cfg.language.max_position_embeddings
+    return gr.Slider(1, context, value=min(default, context // 4), step=1, label="Max new tokens")
+
+
+def _chat_tab(h: Handlers) -> None:
+    chatbot = gr.Chatbot(label="Chat", height=440, elem_id="chatbot")
+    box = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", show_label=False, elem_id="chat-input",
+                               placeholder="Ask about one or more images (drop them here), then press Enter")
+    with gr.Row():
+        stop = gr.Button("Stop", variant="stop")
+        regen = gr.Button("Regenerate")
+        clear = gr.Button("Clear")
+    boxes = gr.Image(label="Boxes in the last image", visible=False, interactive=False, format="png",
+                     elem_id="chat-boxes")
+    with gr.Accordion("Sampling", open=False):
+        sampling = [
+            gr.Slider(0.0, 1.5, value=CHAT_DEFAULTS["temperature"], step=0.05, label="Temperature (0 = greedy)"),
+            gr.Slider(0.05, 1.0, value=CHAT_DEFAULTS["top_p"], step=0.05, label="Top-p"),
+            _max_new_tokens(h, CHAT_DEFAULTS["max_new_tokens"]),
+            gr.Slider(1.0, 2.0, value=CHAT_DEFAULTS["repetition_penalty"], step=0.05, label="Repetition penalty"),
+        ]
+    asked = box.submit(h.chat, [box, chatbot, *sampling], [chatbot, box, boxes], api_name="chat", **MODEL_QUEUE)
+    again = regen.click(h.regenerate, [chatbot, *sampling], [chatbot, boxes], api_name="regenerate", **MODEL_QUEUE)
+    stop.click(None, cancels=[asked, again])
+    clear.click(h.clear, None, [chatbot, box, boxes], api_name="clear", cancels=[asked, again], queue=False)
+
+
+def _generate_tab(h: Handlers, modes: list[str]) -> None:
+    with gr.Row():
+        with gr.Column(scale=1):
+            prompt = gr.Textbox(label="Prompt", lines=3, elem_id="gen-prompt",
+                                placeholder="A watercolour fox in a snowy forest")
+            mode = gr.Radio(modes, value=modes[0], label="Mode", visible=len(modes) > 1)
+            n = gr.Slider(1, 8, value=4, step=1, label="Number of images")
+            seed = gr.Number(value=SEED_DEFAULT, precision=0, label="Seed (-1 = random)")
+            cfg = gr.Slider(1.0, 10.0, value=CFG_DEFAULTS[modes[0]], step=0.5, label="CFG weight")
+            temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature", visible="vq" in modes)
+            steps = gr.Slider(1, 50, value=30, step=1, label="Steps", visible="flow" in modes)
+            button = gr.Button("Generate", variant="primary", elem_id="gen-button")
+        with gr.Column(scale=2):
+            gallery = gr.Gallery(label="Images", columns=2, rows=2, format="png", interactive=False,
+                                 buttons=["download", "download_all", "fullscreen"], elem_id="gallery")
+    gr.Examples([["A red apple on a wooden table"], ["The face of a beautiful girl"], ["A city skyline at night"]],
+                inputs=prompt)
+    gr.on([button.click, prompt.submit], h.generate, [prompt, n, seed, cfg, temperature, steps, mode], gallery,
+          api_name="generate", **MODEL_QUEUE)
+
+
+def _documents_tab(h: Handlers) -> None:
+    with gr.Row():
+        with gr.Column():
+            file = gr.File(label="Image or PDF", file_types=["image", ".pdf"], type="filepath", elem_id="doc-file")
+            page = gr.Number(value=1, precision=0, minimum=1, label="PDF page")
+            max_new = _max_new_tokens(h, 1024)
+            with gr.Row():
+                ocr = gr.Button("Read text (OCR)", variant="primary")
+                chart = gr.Button("Chart to table")
+            preview = gr.Image(label="Page", interactive=False, format="png")
+        with gr.Column():
+            answer = gr.Textbox(label="Answer", lines=12, buttons=["copy"], elem_id="doc-answer")
+            table = gr.Dataframe(label="Table", interactive=False)
+            csv_file = gr.File(label="Table as CSV")
+    ocr.click(h.ocr, [file, page, max_new], [preview, answer], api_name="ocr", **MODEL_QUEUE)
+    chart.click(h.chart, [file, page, max_new], [preview, table, csv_file, answer], api_name="chart", **MODEL_QUEUE)
+
+
+def build_app(pipe: Pipeline, max_queue: int = 20, title: str = "mmstack demo") -> gr.Blocks:
+    """The demo for `pipe`: a Chat and a Documents tab for understanding models, Text to image for generators.
+
+    Raises:
+        CapabilityError: the model can neither read images nor generate them.
+    """
+    understands = _understands(pipe)
+    modes = list(getattr(pipe, "generation_modes", None) or [])
+    if not understands and not modes:
+        raise CapabilityError(f"{pipe.source or 'this model'} neither reads nor generates images: nothing to demo")
+    h = Handlers(pipe)
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"## {title}\n`{pipe.source or 'model'}`")
+        if understands:
+            with gr.Tab("Chat"):
+                _chat_tab(h)
+        if modes:
+            with gr.Tab("Text to image"):
+                _generate_tab(h, modes)
+        if understands:
+            with gr.Tab("Documents"):
+                _documents_tab(h)
+    demo.queue(max_size=max_queue, default_concurrency_limit=1)
+    return demo
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: Optional[int] = 7860, share: bool = False,
+           max_upload_mb: float = 25, prevent_thread_lock: bool = False):
+    """`demo.launch` on `host:port` with uploads capped at `max_upload_mb`. Returns launch's (app, url, share_url)."""
+    if not _is_loopback(host):
+        log.warning("serving on %s: anyone who can reach this address can use the model", host)
+    return demo.launch(server_name=host, server_port=port, share=share, max_file_size=f"{max_upload_mb}mb",
+                       prevent_thread_lock=prevent_thread_lock, show_error=True, quiet=prevent_thread_lock)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `mmstack demo` flags."""
+    parser.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
+    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: found in --model)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
+    parser.add_argument("--max-queue", type=int, default=20, help="requests that may wait in the queue")
+    parser.add_argument("--max-upload-mb", type=float, default=25, help="largest accepted upload")
+
+
+def main(args: argparse.Namespace) -> int:
+    """Load the model and serve the demo until interrupted."""
+    import mmstack
+    from mmstack.api import default_model_dir
+
+    if args.model is None:
+        try:
+            args.model = default_model_dir()
+        except FileNotFoundError:
+            raise FileNotFoundError("no --model given, and this installation has no embedded demo model: "
+                                    "pass --model DIR") from None
+    pipe = mmstack.load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    demo = build_app(pipe, max_queue=args.max_queue)
+    launch(demo, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb)
+    return 0
+
+
+if __name__ == "__main__":
+    _parser = argparse.ArgumentParser(prog="python -m mmstack.apps.demo", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    sys.exit(main(_parser.parse_args()))
