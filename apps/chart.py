@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 from . import batch
-from .batch_scores import mean, rms_f1, table_relaxed_accuracy, to_number
+from .metrics import Triple, mean, rms_f1, table_relaxed_accuracy, to_number
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +51,10 @@ class Table:
         return {name: {row[0]: to_number(row[j]) for row in self.rows}
                 for j, name in enumerate(self.columns) if j > 0}
 
-    def triples(self) -> list[tuple[str, str, Any]]:
-        """(category, series, value) for every non-empty value cell; numbers as floats, else the text."""
-        out = []
+    def triples(self, title: bool = False) -> list[Triple]:
+        """(category, series, value) for every non-empty value cell; numbers as floats (`to_number`), else the
+        text. With `title`, a titled table starts with DePlot's data point ("title", "", title)."""
+        out: list[Triple] = [("title", "", self.title)] if title and self.title else []
         for row in self.rows:
             for j in range(1, len(self.columns)):
                 cell = row[j].strip()
@@ -274,6 +275,16 @@ def _parse(text: str) -> Table:
     table.title = meta.get("title") or meta.get("heading", "")
     table.x_label, table.y_label = meta.get("x_label", ""), meta.get("y_label", "")
     return table
+
+
+def table_triples(text) -> list[Triple]:
+    """A chart answer as DePlot's data points, the input of `metrics.rms`: `parse_table(text).triples(title=True)`.
+
+    Examples:
+        >>> table_triples("Title: SALES\\n| label | value |\\n|---|---|\\n| A | 42 |")
+        [('title', '', 'SALES'), ('A', 'value', 42.0)]
+    """
+    return parse_table(text).triples(title=True)
 
 
 def table_from_answer(answer) -> Table:

@@ -2,7 +2,7 @@
 
 Metrics per task: OCR exact match (single lines), chart values within 5%, scene captions (shape and
 colour of every object), grounding IoU >= 0.5, generated "a {colour} {shape}" images judged by the
-deterministic checker of `mmstack.apps.metrics`. `--quick` scores a small slice and compares with the
+deterministic checker of `mmstack.apps.image_checks`. `--quick` scores a small slice and compares with the
 scores recorded next to the weights (minus a margin): a regression guard.
 """
 from __future__ import annotations
@@ -27,7 +27,9 @@ def _records(data_dir: Path, name: str) -> list[dict]:
 
 def evaluate(pipe, data_dir: Path, per_task: Optional[int] = None, seed: int = 0) -> dict:
     """Scores in [0, 1] per task plus counts."""
-    from .metrics import box_iou, caption_score, check_generated, exact_match, relaxed_accuracy, table_triples
+    from .chart import table_triples
+    from .image_checks import caption_score, check_generated
+    from .metrics import box_iou, exact_match, relaxed_accuracy
 
     from mmstack.vision.grounding import parse_boxes
 

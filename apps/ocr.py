@@ -1,7 +1,7 @@
 """`mmstack ocr INPUT... --out results.jsonl`: read the text of many images, PDF pages and manifest rows.
 
 One JSON line per item: `{id, source, page, text, seconds, error}`. With answers in a manifest, the
-summary scores exact match, character error rate and ANLS (`mmstack.apps.batch_scores`).
+summary scores exact match, character error rate and ANLS (`mmstack.apps.metrics`).
 
     from mmstack.apps.ocr import ocr
     summary = ocr(["scans/"], "results.jsonl", describe=lambda image, prompt: pipe.describe(image, prompt))
@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence, Union
 
 from . import batch
-from .batch_scores import anls, cer, exact_match, mean
+from .metrics import anls, cer, exact_match, mean
 
 DEFAULT_PROMPT = "Read all the text in this image. Answer with the text only."
 EMPTY = {"text": None}

@@ -43,7 +43,7 @@ from mmstack.vision.grounding import GRID, grounding_prompt
 
 log = logging.getLogger(__name__)
 
-# Six well-separated colours (pairwise RGB distance >= 70) and three shapes; metrics.py checks against these.
+# Six well-separated colours (pairwise RGB distance >= 70) and three shapes; image_checks.py checks against these.
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 40, 40), "green": (40, 160, 60), "blue": (40, 90, 220),
     "yellow": (240, 200, 20), "purple": (140, 60, 180), "orange": (250, 130, 20),

@@ -1,12 +1,10 @@
-"""`mmstack.apps.chart`: reading tables out of noisy model answers, the table scorers (relaxed accuracy,
-DePlot RMS-F1) against hand-computed values, and a chart job writing CSV / JSON tables."""
+"""`mmstack.apps.chart`: reading tables out of noisy model answers, the triples the scorers read from them, and a
+chart job writing CSV / JSON tables (the scorers themselves are tested in test_metrics.py)."""
 from __future__ import annotations
 
 import csv
 import io
-import itertools
 import json
-import random
 
 import pytest
 from hypothesis import given, settings
@@ -14,9 +12,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from mmstack.apps import batch
-from mmstack.apps.batch_scores import (max_weight_matching, relaxed_match, rms_f1, rms_scores,
-                                       table_relaxed_accuracy, to_number)
-from mmstack.apps.chart import Table, chart, parse_table, table_from_answer
+from mmstack.apps.chart import Table, chart, parse_table, table_from_answer, table_triples
+from mmstack.apps.metrics import rms_f1
 
 NOISY = {
     "markdown_with_prose": ("Sure! Here is the table:\n\n| Year | Sales | Profit |\n|:---|---:|---:|\n"
@@ -77,15 +74,6 @@ def test_parse_table_never_raises(text):
     assert all(len(r) == len(t.columns) for r in t.rows)
 
 
-@pytest.mark.parametrize("cell,value", [("12", 12.0), ("-3.5", -3.5), ("1,234", 1234.0), ("45%", 45.0),
-                                        ("$3.2", 3.2), ("-$5", -5.0), ("12 kg", 12.0), ("~7", 7.0),
-                                        ("\u22121", -1.0), ("1.5e3", 1500.0), ("**8**", 8.0), (".5", 0.5),
-                                        ("2019-2020", None), ("n/a", None), ("Year 2019", None), ("", None),
-                                        ("1e999", None), ("--5", None)])
-def test_numbers_with_units_percent_and_commas(cell, value):
-    assert to_number(cell) == value
-
-
 def test_json_and_csv_round_trips_and_answers():
     t = parse_table(NOISY["markdown_with_prose"][0])
     t.title = "Sales"
@@ -100,51 +88,26 @@ def test_json_and_csv_round_trips_and_answers():
         Table.from_json({"nothing": 1})
 
 
-# ------------------------------------------------------------------------------------------- scorers
+# ------------------------------------------------------------------------------------------- triples
 
-def test_relaxed_accuracy_allows_five_percent():
-    assert relaxed_match("104.9", "100") and not relaxed_match("105.1", "100")
-    assert relaxed_match("0", "0") and not relaxed_match("0.01", "0") and relaxed_match(" Yes", "yes")
-    target = [("2019", "Sales", 100.0), ("2020", "Sales", 200.0), ("2021", "Sales", 50.0), ("2022", "Sales", "n/a")]
-    pred = [("2019", "value", 104.0), ("2020", "value", 215.0), ("2022", "value", "N/A")]  # 2021 missing
-    assert table_relaxed_accuracy(pred, target) == pytest.approx(2 / 4)  # one value column: header ignored
-    two_cols = [("2019", "A", 1.0), ("2019", "B", 2.0)]
-    assert table_relaxed_accuracy([("2019", "b", 2.0), ("2019", "a", 9.0)], two_cols) == pytest.approx(1 / 2)
-    assert table_relaxed_accuracy([("A", "2019", 1.0), ("B", "2019", 2.0)], two_cols) == 1.0  # transposed
-    assert table_relaxed_accuracy([], []) == 1.0 and table_relaxed_accuracy([("a", "b", 1.0)], []) == 0.0
+def test_table_triples_reads_title_header_and_rows():
+    text = "Title: SALES\n| label | value |\n|---|---|\n| A | 42 |\n| B | 7 |"
+    assert table_triples(text) == [("title", "", "SALES"), ("A", "value", 42.0), ("B", "value", 7.0)]
+    assert table_triples("label | x | y\nA | 1 | 2") == [("A", "x", 1.0), ("A", "y", 2.0)]
+    assert table_triples("| k | v |\n|---|---|\n| A | n/a |\n| B |  |") == [("A", "v", "n/a")]  # empty cell: no point
+    assert table_triples("no table here") == []
+    assert parse_table(text).triples() == table_triples(text)[1:]  # the job's scores leave the title out
 
 
-def test_rms_f1_matches_hand_computed_values():
-    target = [("2019", "sales", 10.0), ("2020", "sales", 15.0)]
-    assert rms_f1(target, target) == 1.0
-    # 2019 exact (similarity 1); 2020: 12 vs 15 is 20% off > theta=10% -> 0; cross pairs also 0 by value
-    assert rms_scores([("2019", "sales", 10.0), ("2020", "sales", 12.0)], target) == pytest.approx((0.5, 0.5, 0.5))
-    # 5% off: similarity 1 - 0.5/10.5; one prediction vs two targets: P = s/1, R = s/2
-    s = 1 - 0.5 / 10.5
-    p, r, f = rms_scores([("2019", "sales", 10.0)], [("2019", "sales", 10.5), ("2020", "sales", 99.0)])
-    assert (p, r) == (pytest.approx(s), pytest.approx(s / 2)) and f == pytest.approx(2 * s * (s / 2) / (s + s / 2))
-    # key typo "2019 sale" vs "2019 sales": normalized edit distance 1/10 -> key similarity 0.9
-    assert rms_f1([("2019", "sale", 10.0)], [("2019", "sales", 10.0)]) == pytest.approx(0.9)
-    assert rms_f1([("x", "y", 1.0)], [("2019", "sales", 10.0)]) == 0.0  # keys too different (> tau)
-    assert rms_f1([("sales", "2019", 10.0), ("sales", "2020", 15.0)], target) == 1.0  # transposed reading
-    assert rms_f1([], []) == 1.0 and rms_f1([], target) == 0.0
-
-
-@pytest.mark.parametrize("use_scipy", [False, True], ids=["hungarian", "scipy"])
-def test_matching_is_optimal_against_brute_force(use_scipy):
-    if use_scipy:
-        pytest.importorskip("scipy")
-    rng = random.Random(0)
-    for _ in range(100):
-        n, m = rng.randint(1, 5), rng.randint(1, 5)
-        w = [[rng.choice([0.0, rng.random()]) for _ in range(m)] for _ in range(n)]
-        pairs = max_weight_matching(w, use_scipy=use_scipy)
-        assert len(pairs) == min(n, m) and len({i for i, _ in pairs}) == len({j for _, j in pairs}) == len(pairs)
-        if n <= m:
-            best = max(sum(w[i][p[i]] for i in range(n)) for p in itertools.permutations(range(m), n))
-        else:
-            best = max(sum(w[p[j]][j] for j in range(m)) for p in itertools.permutations(range(n), m))
-        assert sum(w[i][j] for i, j in pairs) == pytest.approx(best)
+def test_rms_of_markdown_answers_forgives_a_transposed_prediction():
+    ref = table_triples("Title: COST\n| label | value |\n|---|---|\n| A | 10 |\n| B | 20 |")
+    assert rms_f1(ref, ref) == 1.0
+    transposed = table_triples("TITLE | COST <0x0A> label | A | B <0x0A> value | 10 | 20")
+    assert transposed == [("title", "", "COST"), ("value", "A", 10.0), ("value", "B", 20.0)]
+    assert rms_f1(transposed, ref) == 1.0
+    assert rms_f1(transposed, ref, transposed=False) < 1.0
+    speed = table_triples("Title: SPEED\n| label | value |\n|---|---|\n| A | 10 |\n| B | 20 |")
+    assert rms_f1(speed, ref) == pytest.approx(2 / 3)  # the title is one data point of three
 
 
 # ---------------------------------------------------------------------------------------------- job

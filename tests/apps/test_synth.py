@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from mmstack.apps import synth
-from mmstack.apps.metrics import caption_score, parse_caption, table_triples
+from mmstack.apps.chart import table_triples
+from mmstack.apps.image_checks import caption_score, parse_caption
 from mmstack.vision.grounding import parse_boxes
 
 def _rows(path: Path) -> list[dict]:
