@@ -106,8 +106,13 @@ def iter_items(inputs: Iterable[Union[str, os.PathLike]], pdf_dpi: float = 144.0
             yield item
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udc7f\udd00-\udfff]")  # outside the surrogateescape range
+
+
 def _clean(s: str) -> str:
-    # File names that are not UTF-8 arrive as surrogate escapes; ids must be writable as UTF-8 JSON.
+    # File names that are not UTF-8 arrive as surrogate escapes, and JSON may spell a lone surrogate
+    # ("\ud800"); ids must be writable as UTF-8 JSON: both become U+FFFD.
+    s = _LONE_SURROGATE.sub("\ufffd", s)
     return s.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
@@ -209,8 +214,8 @@ def _jsonl_rows(p: str) -> Iterator[tuple[int, dict, Optional[str]]]:
                 continue
             try:
                 row = json.loads(text)
-            except ValueError as e:
-                yield line, {}, f"not valid JSON ({e})"
+            except (ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+                yield line, {}, f"not valid JSON ({type(e).__name__}: {str(e)[:200]})"
                 continue
             yield (line, row, None) if isinstance(row, dict) else (line, {}, "not a JSON object")
 
@@ -221,6 +226,9 @@ _BAD_UTF8 = re.compile("[\udc80-\udcff]")
 def _csv_rows(p: str) -> Iterator[tuple[int, dict, Optional[str]]]:
     # Decoded with surrogate escapes so one bad record (quoted answers may span lines) is reported alone.
     text = Path(p).read_bytes().decode("utf-8", "surrogateescape").lstrip("\ufeff")
+    # No field can be longer than the file: lift csv's 128 KiB default so a long answer is not "malformed"
+    # (which would skip the rest of the manifest). The limit is process-wide; it only ever grows here.
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))
     reader = csv.DictReader(io.StringIO(text, newline=""))
     fields = [(f or "").strip() for f in (reader.fieldnames or [])]
     if "image" not in fields:
@@ -310,7 +318,7 @@ def read_results(path: Union[str, Path]) -> tuple[list[dict], int]:
             continue
         try:
             rec = json.loads(raw.decode("utf-8"))
-        except ValueError:
+        except (ValueError, RecursionError):
             dropped += 1
             continue
         if not isinstance(rec, dict) or not isinstance(rec.get("id"), str) or rec["id"] in ids:

@@ -45,36 +45,48 @@ def _records(path: Path) -> Iterator[tuple[int, object]]:
                     continue
                 try:
                     yield n, json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, ValueError) as e:
+                except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
                     yield n, DataError(f"not valid UTF-8 JSON ({type(e).__name__})")
         return
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        yield 1, DataError(f"not valid UTF-8 JSON ({e})")
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        yield 1, DataError(f"not valid UTF-8 JSON ({type(e).__name__}: {e})")
         return
     for n, item in enumerate(data if isinstance(data, list) else [data], 1):
         yield n, item
+
+
+def _turns(obj: dict, key: str) -> list:
+    turns = obj[key]
+    if not isinstance(turns, list) or not all(isinstance(m, dict) for m in turns):
+        raise DataError(f"'{key}' must be a list of objects")
+    return turns
 
 
 def _normalise(obj, base: Path, where: str, idx: int) -> Example:
     if not isinstance(obj, dict):
         raise DataError("a record must be a JSON object")
     ex_id = str(obj.get("id", f"{base.name}-{idx}"))
-    images = obj.get("images", obj.get("image", []))
-    images = [images] if isinstance(images, str) else list(images or [])
+    images = obj.get("images", obj.get("image")) or []
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) and p for p in images):
+        raise DataError("'images' must be a path or a list of paths")
     paths = [str((base / p)) if not Path(p).is_absolute() else p for p in images]
     if "prompt" in obj and "messages" not in obj and "conversations" not in obj:
-        return Example(ex_id, where, images=paths, prompt=str(obj["prompt"]), task="t2i")
+        if not isinstance(obj["prompt"], str):
+            raise DataError("'prompt' must be a string")
+        return Example(ex_id, where, images=paths, prompt=obj["prompt"], task="t2i")
     if "messages" in obj:
-        msgs = [{"role": m.get("role"), "content": m.get("content")} for m in obj["messages"]]
+        msgs = [{"role": m.get("role"), "content": m.get("content")} for m in _turns(obj, "messages")]
     elif "conversations" in obj:
-        msgs = [{"role": _ROLES.get(m.get("from"), m.get("from")), "content": m.get("value")} for m in obj["conversations"]]
+        msgs = [{"role": _ROLES.get(m.get("from"), m.get("from")) if isinstance(m.get("from"), str) else m.get("from"),
+                 "content": m.get("value")} for m in _turns(obj, "conversations")]
     else:
         raise DataError("no 'messages', 'conversations' or 'prompt' field")
     for m in msgs:
         if m["role"] not in ("user", "assistant", "system"):
-            raise DataError(f"unknown role {m['role']!r}")
+            raise DataError(f"unknown role {m['role']!r:.40}")
         if not isinstance(m["content"], str):
             raise DataError(f"{m['role']} content must be a string")
     return Example(ex_id, where, messages=msgs, images=paths, task=obj.get("task"))
@@ -101,7 +113,12 @@ def problems(ex: Example, check_images: bool = True) -> list[str]:
         from PIL import Image
 
         for p in ex.images:
-            if not Path(p).is_file():
+            try:
+                found = Path(p).is_file()
+            except (OSError, ValueError) as e:  # a name too long for the file system, an embedded NUL byte
+                out.append(f"unusable image path {p[:200]!r} ({type(e).__name__})")
+                continue
+            if not found:
                 out.append(f"missing image {p}")
                 continue
             try:
@@ -116,7 +133,12 @@ def load_examples(paths: Union[str, Path, list], skip_bad: bool = False, check_i
                   ) -> tuple[list[Example], list[str]]:
     """Read and validate data files. Returns (examples, skipped problems).
 
-    Raises DataError listing every `file:line: problem` unless `skip_bad`, which drops and reports them.
+    Any file content is data: a record of the wrong shape, invalid UTF-8 or JSON, or an unusable image path
+    is a problem of its `file:line`, never another exception.
+
+    Raises:
+        DataError: a data file is missing, or (unless `skip_bad`, which drops and reports them) listing every
+            `file:line: problem`.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     good, bad = [], []

@@ -31,8 +31,6 @@ def evaluate(pipe, data_dir: Path, per_task: Optional[int] = None, seed: int = 0
     from .image_checks import caption_score, check_generated
     from .metrics import box_iou, exact_match, relaxed_accuracy
 
-    from mmstack.vision.grounding import parse_boxes
-
     recs = _records(data_dir, "data.jsonl")
     buckets: dict[str, list] = {"ocr": [], "chart": [], "caption": [], "grounding": []}
     for r in recs:
@@ -64,11 +62,9 @@ def evaluate(pipe, data_dir: Path, per_task: Optional[int] = None, seed: int = 0
             elif task == "caption":
                 vals.append(caption_score(out, [tuple(o) for o in r["meta"]["objects_cs"]]) if "objects_cs" in r["meta"]
                             else caption_score(out, [(o["colour"], o["shape"]) for o in r["meta"]["objects"]]))
-            else:
-                from PIL import Image
-
-                w, h = Image.open(img).size
-                boxes = parse_boxes(out, w, h)
+            else:  # grounding through the public API: boxes parsed from the answer's <|det|> block
+                phrase = question.split("<|ref|>", 1)[1].split("<|/ref|>", 1)[0]
+                boxes = pipe.ground(img, phrase, max_new_tokens=64)
                 truth = r["meta"]["box"]
                 vals.append(float(bool(boxes) and box_iou([boxes[0].x1, boxes[0].y1, boxes[0].x2, boxes[0].y2], truth) >= 0.5))
         scores[task] = sum(vals) / len(vals)

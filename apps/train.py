@@ -313,6 +313,7 @@ def _split(examples, fraction: float, seed: int):
 def run(args: TrainArgs) -> Path:
     """Train; returns the output folder, whose `model/` is a native mmstack model `mmstack.load` reads."""
     import mmstack
+    from mmstack.io.checkpoint import CheckpointError
     from mmstack.loading import resolve_dtype, save_pretrained
 
     from .data import load_examples
@@ -350,7 +351,11 @@ def run(args: TrainArgs) -> Path:
     state = {"step": 0, "pos": {"und": 0, "t2i": 0}}
     ckpt = out / "checkpoint" / "state.pt"
     if args.resume and ckpt.exists():
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        try:  # weights_only: a tampered state.pt cannot run code, it is refused
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise CheckpointError(f"{ckpt}: cannot resume from it: not a checkpoint torch.load(weights_only=True) "
+                                  f"accepts ({type(e).__name__}: {str(e)[:300]})") from None
         model.load_state_dict(saved["model"])
         opt.load_state_dict(saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
@@ -460,4 +465,6 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 keep.append(line)
         except (ValueError, KeyError):
             continue  # a line cut by a kill
-    path.write_text("".join(k + "\n" for k in keep))
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # atomic: a kill now must not lose earlier lines
+    tmp.write_text("".join(k + "\n" for k in keep))
+    os.replace(tmp, path)

@@ -93,6 +93,9 @@ class GenerationMixin:
 
     def _context_check(self, ids: list[int], extra: int) -> None:
         limit = self.model.cfg.language.max_position_embeddings
+        if len(ids) > self.prompt_token_limit() and self.prompt_token_limit() < limit:
+            raise GenerationError(f"the prompt has {len(ids)} tokens; "
+                                  f"the limit is max_prompt_tokens={self.prompt_token_limit()}")
         if len(ids) + extra > limit:
             raise GenerationError(f"prompt ({len(ids)} tokens) + {extra} image tokens exceeds the context ({limit})")
 

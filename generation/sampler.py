@@ -13,6 +13,7 @@ import torch
 from mmstack import kernels
 from mmstack.decoding import make_generator
 from mmstack.kernels.sampling import cfg_combine
+from mmstack.llm import DecodeStep
 
 
 def cfg_rows(prompt: list[int], n: int, pad_id: int, layout: str = "interleaved",
@@ -48,7 +49,7 @@ def generate_codes(model, prompt: list[int], n: int, num_tokens: int, pad_id: in
                    temperature: float = 1.0, seed: Optional[int] = None, top_k: Optional[int] = None,
                    layout: str = "interleaved", uncond: str = "official_slice",
                    forced: Optional[torch.Tensor] = None, progress: Optional[Callable[[int, int], None]] = None,
-                   record_logits: bool = False):
+                   record_logits: bool = False, decode_mode: str = "auto"):
     """Sample `num_tokens` codes for each of `n` images.
 
     Args:
@@ -56,6 +57,8 @@ def generate_codes(model, prompt: list[int], n: int, num_tokens: int, pad_id: in
         temperature: 0 picks the argmax; otherwise a plain multinomial over all codes (official) unless top_k.
         progress: called as progress(done, total) after every token.
         record_logits: also return (cond, uncond) head logits per step, [N, n, K] each.
+        decode_mode: how each cached step runs (`mmstack.llm.DecodeStep`: CUDA graph on CUDA by default);
+            every mode gives the same codes.
     Returns:
         codes [n, N] long (and the recorded logits).
     """
@@ -63,9 +66,9 @@ def generate_codes(model, prompt: list[int], n: int, num_tokens: int, pad_id: in
     rows = cfg_rows(prompt, n, pad_id, layout, uncond).to(lm.device)
     cache = lm.new_cache(rows.shape[0], rows.shape[1] + num_tokens)
     gen = make_generator(seed)
-    codes = torch.empty(n, num_tokens, dtype=torch.long, device=lm.device)
-    conds, unconds = [], []
+    codes, conds, unconds = [], [], []
     h = lm(input_ids=rows, cache=cache)[:, -1]  # no attention mask: pads are attended, as official
+    step = DecodeStep(lm, cache, mode=decode_mode)
     for i in range(num_tokens):
         logits = head.logits(h)  # [R, K] fp32
         cond, unc = split_rows(logits, n, layout)
@@ -75,11 +78,12 @@ def generate_codes(model, prompt: list[int], n: int, num_tokens: int, pad_id: in
         tok = kernels.sample(cfg_combine(cond, unc, cfg_weight), temperature, top_k, None, gen)
         if forced is not None:
             tok = (forced[..., i] if forced.dim() > 1 else forced[i].expand(n)).to(tok.device)
-        codes[:, i] = tok
+        codes.append(tok)
         if progress is not None:
             progress(i + 1, num_tokens)
         if i + 1 < num_tokens:
-            h = lm(inputs_embeds=head.embed_codes(merge_rows(tok, layout))[:, None], cache=cache)[:, -1]
+            h = step(inputs_embeds=head.embed_codes(merge_rows(tok, layout))[:, None])
+    codes = torch.stack(codes, 1).to(torch.long)  # [n, N]
     if record_logits:
         return codes, (torch.stack(conds), torch.stack(unconds))
     return codes

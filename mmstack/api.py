@@ -36,13 +36,43 @@ def find_tokenizer(model_dir: Path) -> Optional[Path]:
 
 
 class Pipeline:
-    """A loaded model plus its tokenizer. Create with `mmstack.load`."""
+    """A loaded model plus its tokenizer. Create with `mmstack.load`.
+
+    Request limits (attributes; None means the model context, `max_position_embeddings`): `max_prompt_tokens`
+    bounds a prompt (image tokens included) and `max_new_tokens_limit` the `max_new_tokens` a call may ask
+    for. Both are checked before anything is embedded or a cache allocated, and a prompt plus its
+    `max_new_tokens` must also fit the context: an over-long request raises `GenerationError` naming the
+    limit, never a truncated or silently wrong answer.
+    """
 
     def __init__(self, model: MultimodalModel, tokenizer: Optional[Tokenizer] = None, source: Optional[str] = None):
         self.model = model
         self.tokenizer = tokenizer
         self.source = source
         self.defaults = SamplingParams()
+        self.max_prompt_tokens: Optional[int] = None
+        self.max_new_tokens_limit: Optional[int] = None
+
+    @property
+    def context(self) -> int:
+        """Positions the model can attend over (prompt + new tokens)."""
+        return self.cfg.language.max_position_embeddings
+
+    def prompt_token_limit(self) -> int:
+        """The longest accepted prompt: `max_prompt_tokens`, never more than the context."""
+        return min(self.max_prompt_tokens or self.context, self.context)
+
+    def check_prompt_length(self, n_tokens: int, max_new_tokens: int = 0) -> None:
+        """Raise `GenerationError` naming the limit when a prompt of `n_tokens` (image tokens included) is
+        longer than `max_prompt_tokens`, or when it and `max_new_tokens` do not fit the context."""
+        limit = self.prompt_token_limit()
+        if n_tokens > limit and limit < self.context:
+            raise GenerationError(f"the prompt has {n_tokens} tokens; the limit is max_prompt_tokens={limit}")
+        if n_tokens + max_new_tokens > self.context:
+            raise GenerationError(
+                f"prompt ({n_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model context "
+                f"({self.context} tokens): shorten the prompt or ask for fewer new tokens"
+            )
 
     @property
     def cfg(self) -> ModelConfig:
@@ -83,6 +113,12 @@ class Pipeline:
 
     def _params(self, sampling: dict) -> SamplingParams:
         params = self.defaults.updated(**sampling)
+        n, limit = params.max_new_tokens, min(self.max_new_tokens_limit or self.context, self.context)
+        if isinstance(n, int) and n > limit:
+            if limit < self.context:
+                raise GenerationError(f"max_new_tokens={n} exceeds the limit max_new_tokens_limit={limit}")
+            raise GenerationError(f"max_new_tokens={n} exceeds the model context ({self.context} tokens)")
+        params.validate()
         stops = list(params.stop_token_ids)
         if self.tokenizer is not None and self.tokenizer.eos_id is not None and self.tokenizer.eos_id not in stops:
             stops.append(self.tokenizer.eos_id)
@@ -100,6 +136,8 @@ class Pipeline:
         """Yield next-token ids [B] per step for one prompt or a batch (left padded)."""
         batch = prompt if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], int) else [prompt]
         seqs = [self._ids(p) for p in batch]
+        params = self._params(sampling)
+        self.check_prompt_length(max(len(s) for s in seqs), params.max_new_tokens)
         pad = self._pad_id()
         t = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), t), pad, dtype=torch.long)
@@ -107,7 +145,6 @@ class Pipeline:
         for i, s in enumerate(seqs):
             ids[i, t - len(s):] = torch.tensor(s)
             mask[i, t - len(s):] = 1
-        params = self._params(sampling)
         yield from generate_ids(self.model.language, params, input_ids=ids.to(self.device),
                                 attention_mask=None if bool(mask.all()) else mask.to(self.device), pad_id=pad)
 

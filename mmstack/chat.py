@@ -58,8 +58,19 @@ class ChatConfig:
         """The "deepseek" template over text messages [{"role": "user"|"assistant", "content": str}].
 
         Ends with `{assistant_role}:` when the last message is a user turn (a generation prompt).
+
+        Raises:
+            ValueError: `messages` not a list of dicts with a str `role` and a str `content`, or a system
+                prompt that is not a str.
         """
         system = self.system_prompt if system_prompt is None else system_prompt
+        if not isinstance(system, str):
+            raise ValueError(f"system_prompt must be a str, got {type(system).__name__}")
+        if not isinstance(messages, (list, tuple)):
+            raise ValueError(f"messages must be a list of dicts, got {type(messages).__name__}")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+                raise ValueError(f"message {i} must be a dict with a str 'role' and a str 'content', got {m!r:.80}")
         out = system + self.sep if system else ""
         turns = list(messages)
         if turns and turns[-1]["role"] in ("user", self.user_role):

@@ -12,7 +12,7 @@ import torch
 
 from . import kernels
 from .kernels.sampling import apply_repetition_penalty
-from .llm import KVCache, LanguageModel
+from .llm import DecodeStep, KVCache, LanguageModel
 
 
 class GenerationError(ValueError):
@@ -93,11 +93,14 @@ def generate_ids(
     prefill_chunk: Optional[int] = None,
     stop_fn: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
     pad_id: int = 0,
+    decode_mode: str = "auto",
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids [B] step by step (rows that finished yield `pad_id`).
 
     A row finishes on a stop token id or when `stop_fn(tokens) -> bool[B]` says so (stop strings are
     checked by the text layer). Iteration ends when every row finished or after max_new_tokens.
+    `decode_mode` picks how one cached step runs ("auto", "eager", "cuda_graph", "compile"; see
+    `mmstack.llm.DecodeStep`); every mode gives the same tokens.
     """
     params.validate()
     ref = input_ids if input_ids is not None else inputs_embeds
@@ -123,14 +126,18 @@ def generate_ids(
             counts.scatter_reduce_(1, input_ids.clamp(0, lm.cfg.vocab_size - 1), valid, "amax")
             seen = counts.bool()
     stops = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
+    # without stop criteria no row can finish early: skip the per-step bookkeeping and its host sync
+    can_stop = bool(stops.numel()) or stop_fn is not None
     done = torch.zeros(b, dtype=torch.bool, device=device)
     h = prefill(lm, cache, input_ids, inputs_embeds, attention_mask, prefill_chunk)
-    for _ in range(params.max_new_tokens):
+    step = DecodeStep(lm, cache, mode=decode_mode)
+    for i in range(params.max_new_tokens):
         logits = lm.logits(h)  # [B,V] fp32
         if seen is not None:
             logits = apply_repetition_penalty(logits, seen, params.repetition_penalty)
         tok = kernels.sample(logits, params.temperature, params.top_k, params.top_p, gen)
-        tok = torch.where(done, torch.full_like(tok, pad_id), tok)
+        if can_stop:
+            tok = torch.where(done, torch.full_like(tok, pad_id), tok)
         yield tok
         if seen is not None:
             seen.scatter_(1, tok[:, None], True)
@@ -138,9 +145,10 @@ def generate_ids(
             done |= torch.isin(tok, stops)
         if stop_fn is not None:
             done |= stop_fn(tok).to(device)
-        if bool(done.all()):
+        if can_stop and bool(done.all()):
             return
-        h = lm(input_ids=tok[:, None], cache=cache)[:, -1]
+        if i + 1 < params.max_new_tokens:
+            h = step(input_ids=tok[:, None])
 
 
 class TextStream:
@@ -169,7 +177,7 @@ class TextStream:
                 deltas.append("")
                 continue
             self.ids[i].append(t)
-            full = self.tok.decode(self.ids[i], skip_special_tokens=True)
+            full = self.tok.decode_answer(self.ids[i])
             if full.endswith("\ufffd"):
                 deltas.append("")  # wait for the rest of a multi-byte character
                 continue

@@ -194,7 +194,15 @@ def _lm_for(raw: dict, where: str) -> tuple[LMConfig, str]:
 
 
 def read_config(source: Union[str, Path, dict], where: Optional[str] = None) -> ModelConfig:
-    """Translate a config.json (path, folder or dict) of any supported format into a `ModelConfig`."""
+    """Translate a config.json (path, folder or dict) of any supported format into a `ModelConfig`.
+
+    The file is data only: nothing in the model folder is imported or executed, whatever its fields say
+    (`auto_map` and `trust_remote_code` are never acted on).
+
+    Raises:
+        ConfigError: a missing or unreadable file, invalid JSON, an unknown format, a field of the wrong
+            type, or an impossible model; the message names the file.
+    """
     _register_parts()
     folder = None
     if isinstance(source, dict):
@@ -208,17 +216,24 @@ def read_config(source: Union[str, Path, dict], where: Optional[str] = None) -> 
             raise ConfigError(f"{where}: file not found")
         try:
             raw = json.loads(p.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise ConfigError(f"{where}: not valid JSON ({e})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+            raise ConfigError(f"{where}: not valid JSON ({type(e).__name__}: {e})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a JSON object")
-    if raw.get("model_type") == "mmstack":
-        return ModelConfig.from_json_dict(raw, where)
-    lm, fmt = _lm_for(raw, where)
-    cfg = ModelConfig(language=lm, source_format=fmt)
-    for fn in _PART_READERS.get(fmt, []):
-        fn(raw, cfg, where, folder)
-    return cfg.validate()
+    try:
+        if raw.get("model_type") == "mmstack":
+            return ModelConfig.from_json_dict(raw, where)
+        lm, fmt = _lm_for(raw, where)
+        cfg = ModelConfig(language=lm, source_format=fmt)
+        for fn in _PART_READERS.get(fmt, []):
+            fn(raw, cfg, where, folder)
+        return cfg.validate()
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError, ArithmeticError, RecursionError) as e:
+        # A field of the wrong type or shape (a list where a size belongs, a section that is not an object):
+        # the readers index the dict directly, so report the malformed file here rather than crash.
+        raise ConfigError(f"{where}: malformed config ({type(e).__name__}: {e})") from None
 
 
 def _register_parts() -> None:

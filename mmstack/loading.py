@@ -90,6 +90,7 @@ def load_model(model_dir: Union[str, Path], device=None, dtype=None, cfg: Option
         load_weights(model, files, key_table(cfg.source_format), dtype=dtype, device=device, strict=parts is None)
     except CheckpointError as e:
         raise CheckpointError(f"{model_dir}: {e}") from None
+    model.language.fuse_projections()
     return model.eval()
 
 

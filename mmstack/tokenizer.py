@@ -6,12 +6,16 @@ Special token ids are always read from the files, never hard-coded. BOS is added
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
 
 class TokenizerError(ValueError):
     pass
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _token_content(value) -> Optional[str]:
@@ -55,14 +59,19 @@ class Tokenizer:
             f = file.parent / name
             if f.exists():
                 try:
-                    cfg.update(json.loads(f.read_text(encoding="utf-8")))
-                except ValueError as e:
-                    raise TokenizerError(f"{f}: invalid JSON ({e})") from None
+                    data = json.loads(f.read_text(encoding="utf-8"))
+                except (ValueError, RecursionError) as e:
+                    raise TokenizerError(f"{f}: invalid JSON ({type(e).__name__}: {e})") from None
+                if not isinstance(data, dict):
+                    raise TokenizerError(f"{f}: expected a JSON object, got {type(data).__name__}")
+                cfg.update(data)
         return cls(tk, cfg, source=str(file))
 
     def _id_or_none(self, token: Optional[str], what: str) -> Optional[int]:
         if token is None:
             return None
+        if not isinstance(token, str):
+            raise TokenizerError(f"{self.source}: {what} must be a string, got {token!r:.60}")
         tid = self.tk.token_to_id(token)
         if tid is None:
             raise TokenizerError(f"{self.source}: {what} {token!r} is not in the vocabulary")
@@ -74,6 +83,13 @@ class Tokenizer:
         return self.tk.get_vocab_size(with_added_tokens=True)
 
     def token_id(self, token: str, required: bool = True) -> Optional[int]:
+        """The id of `token`; None when it is missing and not `required`.
+
+        Raises:
+            TokenizerError: `token` is missing from the vocabulary (and `required`), or is not a str.
+        """
+        if not isinstance(token, str):
+            raise TokenizerError(f"{self.source}: special token must be a string, got {token!r:.60}")
         tid = self.tk.token_to_id(token)
         if tid is None and required:
             raise TokenizerError(f"{self.source}: special token {token!r} is missing from the vocabulary")
@@ -85,7 +101,19 @@ class Tokenizer:
 
     # --------------------------------------------------------------------------- encode / decode
     def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> list[int]:
-        ids = self.tk.encode(text, add_special_tokens=False).ids
+        """Token ids of `text` (BOS per `add_bos_token` unless `bos` says otherwise, EOS when asked).
+
+        Lone surrogates (JSON allows `"\\ud800"`, which is not valid Unicode text) become U+FFFD.
+
+        Raises:
+            TokenizerError: `text` is not a str.
+        """
+        if not isinstance(text, str):
+            raise TokenizerError(f"can only encode text (str), got {type(text).__name__}")
+        try:
+            ids = self.tk.encode(text, add_special_tokens=False).ids
+        except TypeError:  # tokenizers refuses strings that are not valid UTF-8 (lone surrogates)
+            ids = self.tk.encode(_SURROGATE.sub("\ufffd", text), add_special_tokens=False).ids
         if (self.add_bos if bos is None else bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         if eos and self.eos_id is not None:
@@ -94,6 +122,12 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         return self.tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def decode_answer(self, ids: Iterable[int]) -> str:
+        """Text of generated ids keeping markup tokens (grounding `<|ref|>`/`<|det|>` tags) but not the
+        control tokens (BOS, EOS, pad)."""
+        control = {i for i in (self.bos_id, self.eos_id, self.pad_id) if i is not None}
+        return self.tk.decode([i for i in ids if i not in control], skip_special_tokens=False)
 
     def batch_pad(self, seqs: Sequence[Sequence[int]], pad_id: Optional[int] = None, side: str = "left"):
         """Left-pad id lists -> (input_ids [B,T] long, attention_mask [B,T] long)."""

@@ -15,7 +15,7 @@ def _routing(n, e, k):
     return idx, torch.rand(n, k)
 
 
-@pytest.mark.parametrize("backend", ["grouped", "gather"])
+@pytest.mark.parametrize("backend", ["grouped", "gather", "indexed"])
 @pytest.mark.parametrize("n,e,k", [(1, 8, 2), (3, 8, 3), (37, 16, 4), (5, 64, 6)])
 def test_moe_backend_matches_expert_loop(backend, n, e, k):
     h, i = 24, 16
@@ -39,9 +39,11 @@ def test_moe_grouped_segment_fallback_matches(monkeypatch):
                                kernels.moe.get("reference")(x, idx, w, wgu, wd), atol=1e-5, rtol=1e-5)
 
 
-def test_moe_dispatch_selects_by_size():
+def test_moe_dispatch_selects_by_size_and_device():
+    """Decode-sized calls take the host-indexed path on CPU (gathering weights copies them: slower there)
+    and the gathered, sync-free path on CUDA; larger calls sort into segments."""
     x = torch.randn(2, 8)
-    assert kernels.moe.select(x, torch.zeros(2, 2, dtype=torch.long)) == "gather"
+    assert kernels.moe.select(x, torch.zeros(2, 2, dtype=torch.long)) == "indexed"
     assert kernels.moe.select(x, torch.zeros(64, 6, dtype=torch.long)) == "grouped"
     with use_backend("moe", "reference"):
         assert kernels.moe.select(x, torch.zeros(2, 2, dtype=torch.long)) == "reference"
@@ -79,6 +81,47 @@ def test_mla_decode_equals_expanded_attention():
     ref = kernels.attention.get("reference")(torch.cat([q_nope, q_pe], -1), k, v, scale=0.2)
     o_lat = kernels.mla_decode(torch.einsum("bhtp,hpc->bhtc", q_nope, w_uk), q_pe, latent, k_pe, None, 0.2)
     torch.testing.assert_close(torch.einsum("bhtc,hvc->bhtv", o_lat, w_uv), ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("t,masked", [(1, False), (1, True), (4, True)])
+def test_mla_decode_bmm_backend_matches_reference(t, masked):
+    b, h, s, c, r = 2, 4, 13, 16, 8
+    q_lat, q_pe = torch.randn(b, h, t, c), torch.randn(b, h, t, r)
+    latent, k_pe = torch.randn(b, s, c), torch.randn(b, s, r)
+    mask = None
+    if masked:
+        keep = torch.ones(b, 1, t, s, dtype=torch.bool).tril(s - t)
+        keep[1, ..., :4] = False
+        mask = torch.zeros(b, 1, t, s).masked_fill(~keep, torch.finfo(torch.float32).min)
+    ref = kernels.mla_decode.get("reference")(q_lat, q_pe, latent, k_pe, mask, 0.25)
+    out = kernels.mla_decode.get("bmm")(q_lat, q_pe, latent, k_pe, mask, 0.25)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("style", ["neox", "interleaved"])
+@pytest.mark.parametrize("tables", ["btd", "b1td", "fp32_tables_bf16_x"])
+def test_rope_addcmul_backend_matches_reference(style, tables):
+    x = torch.randn(2, 5, 3, 16)
+    f = torch.randn(2, 3, 8)
+    cos, sin = torch.cat((f, f), -1).cos(), torch.cat((f, f), -1).sin()
+    if tables == "b1td":
+        cos, sin = cos[:, None], sin[:, None]
+    if tables == "fp32_tables_bf16_x":
+        x = x.to(torch.bfloat16)
+    ref = kernels.rope.get("reference")(x, cos, sin, style)
+    out = kernels.rope.get("addcmul")(x, cos, sin, style)
+    assert out.dtype == x.dtype
+    tol = 1e-6 if x.dtype == torch.float32 else 1e-2  # a fused multiply-add rounds once instead of twice
+    torch.testing.assert_close(out.float(), ref.float(), atol=tol, rtol=tol)
+
+
+def test_rms_norm_fused_backend_is_exact_in_fp32():
+    x, w = torch.randn(3, 5, 64) * 4, torch.rand(64)
+    assert kernels.rms_norm.select(x, w, 1e-6) in ("fused", "reference")
+    torch.testing.assert_close(kernels.rms_norm.get("fused")(x, w, 1e-6),
+                               kernels.rms_norm.get("reference")(x, w, 1e-6), atol=0, rtol=0)
+    xb = x.to(torch.bfloat16)
+    assert kernels.rms_norm.select(xb, w.to(torch.bfloat16), 1e-6) == "reference"  # bf16 keeps the official rounding
 
 
 def test_rms_norm_accumulates_in_fp32():

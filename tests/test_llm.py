@@ -97,7 +97,7 @@ def test_grouped_moe_model_equals_expert_loop(kind):
     ids = torch.randint(0, 96, (2, 9))
     with kernels.use_backend("moe", "reference"):
         ref = _full_logits(m, ids)
-    for backend in ("grouped", "gather"):
+    for backend in ("grouped", "gather", "indexed"):
         with kernels.use_backend("moe", backend):
             torch.testing.assert_close(_full_logits(m, ids), ref, atol=1e-5, rtol=1e-5)
 

@@ -13,7 +13,8 @@ orientation, which is what a photo viewer shows.
 Array inputs are scaled by dtype instead: uint8 kept, uint16 >> 8, bool * 255, float in [0, 1] * 255,
 other integer dtypes accepted when their values lie in 0..255.
 
-The pixel limit is checked on the header, before any pixel data is decoded. PIL's own decompression-bomb
+The pixel limit is checked on the header, before any pixel data is decoded (for WebP, on the RIFF header
+before PIL opens the file: libwebp allocates the canvas as it opens). PIL's own decompression-bomb
 guard (`Image.MAX_IMAGE_PIXELS`, which rejects above twice its value) still applies first; it is reported
 as an `ImageError` and never changed here.
 """
@@ -26,7 +27,7 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Sequence, Union
+from typing import Any, BinaryIO, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -87,8 +88,8 @@ def load_image(src: ImageSource, policy: ImagePolicy = NATIVE, **overrides) -> I
         An image of mode "RGB".
 
     Raises:
-        ImageError: missing or unreadable file, unsupported input, too many bytes or pixels, truncated or
-            undecodable data. The message names the input.
+        ImageError: missing or unreadable file, unusable path, unsupported input, an empty (0-pixel) image,
+            too many bytes or pixels, truncated or undecodable data. The message names the input.
         TypeError: an override that is not an `ImagePolicy` field.
     """
     policy = dataclasses.replace(policy, **overrides) if overrides else policy
@@ -119,9 +120,13 @@ def load_images(srcs: Sequence[ImageSource], policy: ImagePolicy = NATIVE, **ove
 
 def _checked_path(src) -> Path:
     path = Path(src)
-    if not path.exists():
+    try:
+        exists, is_file = path.exists(), path.is_file()
+    except (OSError, ValueError) as e:  # a name too long for the file system, an embedded NUL byte
+        raise ImageError(f"{str(path)[:200]}: not a usable path ({type(e).__name__})") from None
+    if not exists:
         raise ImageError(f"{path}: no such file")
-    if not path.is_file():
+    if not is_file:
         raise ImageError(f"{path}: not a regular file")
     return path
 
@@ -133,6 +138,8 @@ def _check_bytes(name: str, n: int, policy: ImagePolicy):
 
 def _check_pixels(name: str, size: tuple[int, int], policy: ImagePolicy):
     w, h = size
+    if w <= 0 or h <= 0:  # PIL builds 0-wide images; no model can use one (tiling divides by the size)
+        raise ImageError(f"{name}: empty image ({w}x{h})")
     if w * h > policy.max_pixels:
         raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the pixel limit max_pixels={policy.max_pixels}")
 
@@ -151,10 +158,46 @@ def _seekable(name: str, f, policy: ImagePolicy):
 
 def _open(name: str, fp, policy: ImagePolicy) -> Image.Image:
     """Open (header only), check the size, then decode the first frame and convert."""
+    size = _webp_size(_peek(name, fp, 30))
+    if size is not None:  # libwebp allocates the whole canvas while PIL opens the file: check before that
+        _check_pixels(name, size, policy)
     with _decoding(name, policy), Image.open(fp) as im:
         _check_pixels(name, im.size, policy)
         im.load()
         return _convert(im, policy)
+
+
+def _peek(name: str, fp, n: int) -> bytes:
+    """The first `n` bytes of a path or a seekable file object, leaving its position as it was."""
+    try:
+        if isinstance(fp, Path):
+            with open(fp, "rb") as f:
+                return f.read(n)
+        start = fp.tell()
+        head = fp.read(n)
+        fp.seek(start)
+        return head
+    except OSError as e:
+        raise ImageError(f"{name}: cannot read file ({e})") from None
+
+
+def _webp_size(head: bytes) -> Optional[tuple[int, int]]:
+    """(width, height) a WebP file declares in its first 30 bytes; None when it is not WebP.
+
+    VP8X canvas: 24-bit sizes minus one; VP8L: 14-bit sizes minus one after the 0x2f signature; VP8 (lossy):
+    14-bit sizes after the 9d 01 2a start code (https://developers.google.com/speed/webp/docs/riff_container).
+    """
+    if len(head) < 30 or head[:4] != b"RIFF" or head[8:12] != b"WEBP":
+        return None
+    kind = head[12:16]
+    if kind == b"VP8X":
+        return 1 + int.from_bytes(head[24:27], "little"), 1 + int.from_bytes(head[27:30], "little")
+    if kind == b"VP8L" and head[20] == 0x2F:
+        bits = int.from_bytes(head[21:25], "little")
+        return 1 + (bits & 0x3FFF), 1 + (bits >> 14 & 0x3FFF)
+    if kind == b"VP8 " and head[23:26] == b"\x9d\x01\x2a":
+        return int.from_bytes(head[26:28], "little") & 0x3FFF, int.from_bytes(head[28:30], "little") & 0x3FFF
+    return None
 
 
 @contextmanager
@@ -186,6 +229,8 @@ def _convert(im: Image.Image, policy: ImagePolicy) -> Image.Image:
         im = ImageOps.exif_transpose(im)
     if policy.scale_high_bit_depth:
         im = _to_8bit(im)
+    if im.mode == "La":  # premultiplied L + alpha: PIL converts it to LA only (RGBa already converts to anything)
+        im = im.convert("LA")
     has_alpha = im.mode in _ALPHA_MODES or "transparency" in im.info
     if policy.composite_alpha and has_alpha:
         background = Image.new("RGBA", im.size, (*policy.background, 255))

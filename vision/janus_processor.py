@@ -9,13 +9,14 @@ Notation: B batch, T tokens, n images, N image tokens per image, S image side.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from mmstack.chat import ChatConfig
+from mmstack.decoding import GenerationError
 from mmstack.tokenizer import Tokenizer
 
 
@@ -55,23 +56,36 @@ class JanusProcessor:
         x = (x.transpose(2, 0, 1).astype(np.float64) / 255.0).astype(np.float32)
         return torch.from_numpy((x - self.mean) / self.std)
 
-    def tokens(self, messages: list[dict], system_prompt=None) -> list[int]:
-        """Token ids of a conversation whose text contains one image tag per image."""
+    def tokens(self, messages: list[dict], system_prompt=None, max_prompt_tokens: Optional[int] = None) -> list[int]:
+        """Token ids of a conversation whose text contains one image tag per image.
+
+        Raises:
+            ValueError: malformed messages (`ChatConfig.prompt`).
+            GenerationError: more than `max_prompt_tokens` ids once every tag is expanded to its image span; checked
+                before the span is built (each tag becomes `num_image_tokens + 2` ids).
+        """
         ids = self.tk.encode(self.chat.prompt(messages, system_prompt).strip())
-        out: list[int] = []
         n = self.chat.num_image_tokens
+        total = len(ids) + ids.count(self.image_id) * (n + 1)
+        if max_prompt_tokens is not None and total > max_prompt_tokens:
+            raise GenerationError(f"the prompt has {total} tokens (image tokens included); "
+                                  f"the limit is {max_prompt_tokens}")
+        out: list[int] = []
         for t in ids:
             out.extend([self.boi_id] + [self.image_id] * n + [self.eoi_id] if t == self.image_id else [t])
         return out
 
     def __call__(self, conversations: Sequence[list[dict]], images: Sequence[Sequence[Image.Image]],
-                 system_prompt=None) -> dict:
+                 system_prompt=None, max_prompt_tokens: Optional[int] = None) -> dict:
         """A batch of conversations (left padded) with their images in tag order.
 
         Returns input_ids / attention_mask [B,T], pixel_values [B,n,3,S,S], images_seq_mask [B,T],
         images_emb_mask [B,n,K] (K = N, or N + 1 with the begin embedding).
+        Raises:
+            ValueError: malformed messages or a number of tags different from the images.
+            GenerationError: a conversation longer than `max_prompt_tokens` (see `tokens`).
         """
-        seqs = [self.tokens(c, system_prompt) for c in conversations]
+        seqs = [self.tokens(c, system_prompt, max_prompt_tokens) for c in conversations]
         n_max = max((len(i) for i in images), default=0)
         for k, (s, ims) in enumerate(zip(seqs, images)):
             have = s.count(self.boi_id) if self.chat.num_image_tokens else 0

@@ -70,11 +70,15 @@ class UnderstandingPipeline(Pipeline):
             content = m["content"]
             if isinstance(content, str):
                 text = content
-            else:
+            elif isinstance(content, (list, tuple)):
                 text = ""
                 for part in content:
+                    if not isinstance(part, dict):
+                        raise ValueError(f"message {i}: a content part must be a dict, got {part!r:.80}")
                     kind = part.get("type")
                     if kind == "text":
+                        if not isinstance(part.get("text", ""), str):
+                            raise ValueError(f"message {i}: a text part's 'text' must be a str")
                         text += part.get("text", "")
                     elif kind == "image":
                         src = next((part[k] for k in ("image", "path", "url") if k in part), None)
@@ -84,6 +88,8 @@ class UnderstandingPipeline(Pipeline):
                         text += tag + "\n"
                     else:
                         raise ValueError(f"message {i}: unknown content part type {kind!r}")
+            else:
+                raise ValueError(f"message {i}: content must be a str or a list of parts, got {type(content).__name__}")
             if role != "user" and tag in text:
                 raise ValueError(f"message {i}: images belong in user turns")
             out.append({"role": role, "content": text})
@@ -99,13 +105,20 @@ class UnderstandingPipeline(Pipeline):
         return conv
 
     @torch.no_grad()
-    def encode(self, conversations: Sequence[Sequence[dict]]) -> tuple[torch.Tensor, torch.Tensor, list]:
-        """Conversations -> (inputs_embeds [B,T,D], attention_mask [B,T], the loaded images per sample)."""
+    def encode(self, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor, list]:
+        """Conversations -> (inputs_embeds [B,T,D], attention_mask [B,T], the loaded images per sample).
+
+        Raises:
+            GenerationError: a prompt over `max_prompt_tokens`, or one that leaves no room in the context
+                for `max_new_tokens`; checked on the token ids, before anything is embedded.
+        """
         prepared = [self._split(c) for c in conversations]
         imgs = [image_io.load_images(srcs, self.policy) for _, srcs in prepared]
         dev, m = self.device, self.model
         if self.ip.kind == "vl2_tiling":
             batch = self.processor([self._vl2_conversation(msgs) for msgs, _ in prepared], imgs)
+            self.check_prompt_length(batch["input_ids"].shape[1], max_new_tokens)
             emb = embed_vl2(m, batch["input_ids"].to(dev), batch["images"].to(dev),
                             batch["images_seq_mask"].to(dev), batch["images_spatial_crop"].to(dev))
         else:
@@ -116,7 +129,9 @@ class UnderstandingPipeline(Pipeline):
                     system = msgs[0]["content"]
                     msgs = msgs[1:]
                 msgs_list.append(msgs)
-            batch = self.processor(msgs_list, imgs, system_prompt=system)
+            batch = self.processor(msgs_list, imgs, system_prompt=system,
+                                   max_prompt_tokens=self.prompt_token_limit())
+            self.check_prompt_length(batch["input_ids"].shape[1], max_new_tokens)
             emb = embed_janus(m, batch["input_ids"].to(dev), batch["pixel_values"].to(dev),
                               batch["images_seq_mask"].to(dev), batch["images_emb_mask"].to(dev))
         return emb, batch["attention_mask"].to(dev), imgs
@@ -124,7 +139,7 @@ class UnderstandingPipeline(Pipeline):
     # ------------------------------------------------------------------------------ public
     def _stream(self, conversations, **sampling) -> Iterator[list[str]]:
         params = self._params(sampling)
-        emb, mask, _ = self.encode(conversations)
+        emb, mask, _ = self.encode(conversations, params.max_new_tokens)
         ts = TextStream(self.tokenizer, emb.shape[0], params.stop_strings, params.stop_token_ids)
         stop_fn = lambda tok: ts.stop_mask()  # noqa: E731  (stop strings end a row)
         for tok in generate_ids(self.model.language, params, inputs_embeds=emb,
@@ -160,7 +175,7 @@ class UnderstandingPipeline(Pipeline):
                                              {"type": "text", "text": grounding_prompt(phrase.strip())}]}]
         sampling.setdefault("max_new_tokens", 128)
         params = self._params(sampling)
-        emb, mask, _ = self.encode([msgs])
+        emb, mask, _ = self.encode([msgs], params.max_new_tokens)
         ids = [int(t[0]) for t in generate_ids(self.model.language, params, inputs_embeds=emb,
                                                prefill_chunk=self.prefill_chunk, pad_id=self._pad_id())]
         ids = ids[: next((k for k, t in enumerate(ids) if t in set(params.stop_token_ids)), len(ids))]

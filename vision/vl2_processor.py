@@ -87,9 +87,14 @@ class VL2Processor:
         is dropped (official `process_one`). A raw prompt string gets BOS and, outside inference
         mode, EOS, with no template.
         Raises:
-            ValueError: unknown role, misplaced system message, `<image>` outside user turns, or a
-                number of `<image>` tags different from `len(image_sizes)`.
+            ValueError: a message that is not a dict with `role` and `content`, unknown role, misplaced
+                system message, `<image>` outside user turns, an image size that is not two positive
+                integers, or a number of `<image>` tags different from `len(image_sizes)`.
         """
+        for size in image_sizes:
+            if (not isinstance(size, (tuple, list)) or len(size) != 2
+                    or not all(isinstance(v, int) and v > 0 for v in size)):
+                raise ValueError(f"VL2Processor: an image size must be (width, height) > 0, got {size!r:.40}")
         if isinstance(conversation, str):
             turns = [(conversation, True, True)]  # (text, images allowed, EOS after)
         else:
@@ -122,7 +127,12 @@ class VL2Processor:
     def _turns(self, messages: Sequence[Message]) -> list[tuple[str, bool, bool]]:
         """Messages -> (text, images allowed, EOS after) per turn, as `format_messages_v2` builds them."""
         turns = []
+        if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+            raise ValueError(f"VL2Processor: a conversation is a str or a list of messages, "
+                             f"got {type(messages).__name__}")
         for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise ValueError(f"VL2Processor: message {i} must be a dict with 'role' and 'content', got {m!r:.80}")
             role, content = m["role"], str(m["content"]).strip()
             if role in (USER, "user"):
                 # template get_prompt(): "role: msg" + sep for a non-empty message, bare "role:" otherwise

@@ -60,14 +60,18 @@ def _shards_from_index(index_path: Path) -> list[Path]:
     try:
         index = json.loads(index_path.read_text())
         weight_map = index["weight_map"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{index_path}: not a valid shard index ({e})") from None
-    root = index_path.parent.resolve()
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise CheckpointError(f"{index_path}: not a valid shard index ({type(e).__name__}: {e})") from None
+    root = Path(os.path.abspath(index_path.parent))
     shards = []
     for key, fname in weight_map.items():
         if not isinstance(fname, str):
             raise CheckpointError(f"{index_path}: weight_map[{key!r}] is not a file name")
-        p = (root / fname).resolve()
+        # The name is data and is checked as written (no `..`, not absolute). Symlinks the folder itself holds
+        # are followed, as for a single weight file: the Hugging Face cache links every shard to its blob.
+        p = Path(os.path.normpath(root / fname))
         if root not in p.parents:
             raise CheckpointError(f"{index_path}: shard {fname!r} for {key!r} points outside the model folder")
         if not p.exists():
@@ -81,7 +85,11 @@ def _shards_from_index(index_path: Path) -> list[Path]:
 
 
 def check_safetensors(path: os.PathLike) -> dict:
-    """Validate a safetensors header against the file size before anything is allocated."""
+    """Validate a safetensors header against the file size before anything is allocated.
+
+    Returns the header. Raises CheckpointError for any header that is truncated, not a JSON object, has a
+    malformed entry, an unknown dtype, or offsets that do not match the shape or lie outside the file.
+    """
     path = Path(path)
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -94,7 +102,7 @@ def check_safetensors(path: os.PathLike) -> dict:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not an object")
@@ -109,6 +117,8 @@ def check_safetensors(path: os.PathLike) -> dict:
                 if not isinstance(s, int) or s < 0:
                     raise ValueError
                 numel *= s
+            if not (isinstance(dtype, str) and isinstance(begin, int) and isinstance(end, int)):
+                raise ValueError
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: malformed header entry for {key!r}") from None
         if dtype not in _ST_DTYPES:
@@ -324,6 +334,7 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: os.PathLike, metada
         save_file(clean, tmp, metadata=metadata or {"format": "pt"})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are ordinary readable files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -7,6 +7,7 @@
 from .registry import KERNELS, Kernel, kernel, use_backend
 from .reference import attention, mla_decode, moe, rms_norm, rope, swiglu_expert
 from . import torch_backends  # noqa: F401  (registers the PyTorch backends)
+from . import triton_backends  # noqa: F401  (registers the Triton backends; triton is imported on first use)
 from .sampling import sample
 
 __all__ = [

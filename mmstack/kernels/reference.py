@@ -29,7 +29,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 @kernel("rope")
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str = "neox") -> torch.Tensor:
-    """Rotate `x` [B, H, T, D] by position tables `cos`/`sin` [B, T, D] (already cat(freqs, freqs)).
+    """Rotate `x` [B, H, T, D] by position tables `cos`/`sin` [B, T, D] or [B, 1, T, D] (already
+    cat(freqs, freqs)); the tables are cast to x's dtype.
 
     style "neox": rotate-half over the two halves of D (LLaMA).
     style "interleaved": pairs (x0,x1),(x2,x3),... are rotated. As in DeepSeek's MLA code the pairs are
@@ -39,9 +40,9 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str = "ne
     if style == "interleaved":
         b, h, t, d = x.shape
         x = x.view(b, h, t, d // 2, 2).transpose(-1, -2).reshape(b, h, t, d)
-    cos = cos.unsqueeze(1).to(x.dtype)
-    sin = sin.unsqueeze(1).to(x.dtype)
-    return x * cos + _rotate_half(x) * sin
+    if cos.dim() == x.dim() - 1:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos.to(x.dtype) + _rotate_half(x) * sin.to(x.dtype)
 
 
 def _expand_kv(k: torch.Tensor, n_heads: int) -> torch.Tensor:

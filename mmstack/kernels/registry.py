@@ -63,9 +63,11 @@ class Kernel:
         return _env_choice().get(self.name)
 
     def __call__(self, *args, **kwargs):
-        forced = self._forced_name()
-        if forced is not None:
-            return self.get(forced)(*args, **kwargs)
+        # hot path (a dozen calls per decoded token): look for a forced backend only when something is forced
+        if getattr(_forced, "stack", None) or (_ENV_DATA.get(_ENV_KEY) if _ENV_KEY is not None else os.environ.get(_ENV)):
+            forced = self._forced_name()
+            if forced is not None:
+                return self.get(forced)(*args, **kwargs)
         for b in self._backends:
             if b.predicate is None or b.predicate(*args, **kwargs):
                 return b.fn(*args, **kwargs)
@@ -96,8 +98,28 @@ def kernel(name: str) -> Callable[[Callable], Kernel]:
     return deco
 
 
+_ENV = "MMSTACK_KERNELS"
+# os.environ keeps its values in a plain dict (`_data`, keyed by `encodekey(name)`); reading it directly
+# sees every change made through os.environ (monkeypatch, os.environ[...] = ...) at the cost of one dict
+# lookup instead of os.environ.get's encode/decode, which showed in decode steps (a dozen kernel calls each).
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey(_ENV) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
+
+
 def _env_choice() -> dict:
-    raw = os.environ.get("MMSTACK_KERNELS", "")
+    # read on every call (tests and users change it at run time); parsed once per distinct value
+    raw = _ENV_DATA.get(_ENV_KEY) if _ENV_KEY is not None else os.environ.get(_ENV)
+    parsed = _PARSED.get(raw)
+    if parsed is None:
+        text = raw if raw is None or isinstance(raw, str) else os.environ.decodevalue(raw)
+        parsed = _PARSED[raw] = _parse_env(text or "")
+    return parsed
+
+
+_PARSED: dict[str, dict] = {}  # memo of _parse_env (pure)
+
+
+def _parse_env(raw: str) -> dict:
     out = {}
     for item in filter(None, (p.strip() for p in raw.split(","))):
         if "=" not in item:

@@ -29,6 +29,8 @@ def attention_sdpa(
     """torch.nn.functional.scaled_dot_product_attention (flash / memory-efficient / math by device)."""
     h, g = q.shape[1], k.shape[1]
     t, s = q.shape[-2], k.shape[-2]
+    if causal and t == 1:
+        causal = False  # one query aligned to the end sees every key: decode steps need no causal mask
     if causal and mask is None and t == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=h != g)
     if causal:
@@ -40,16 +42,89 @@ def attention_sdpa(
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != g)
 
 
+# ---------------------------------------------------------------------------------------------- MLA decode
+
+
+@ref.mla_decode.register("bmm", priority=10)
+def mla_decode_bmm(q_latent, q_pe, latent, k_pe, mask, scale):
+    """The latent cache is one key/value head shared by all H query heads, so heads fold into the query
+    rows: two [B, H*T, .] x [B, ., S] batched matmuls read the cache once, with no broadcast copy of
+    the cache per head (what `matmul` on [B,H,T,C] x [B,1,C,S] does)."""
+    b, h, t, c = q_latent.shape
+    s = latent.shape[1]
+    q_rows = q_latent.reshape(b, h * t, c)
+    pe = torch.bmm(q_pe.reshape(b, h * t, -1), k_pe.transpose(1, 2))  # [B,HT,S]
+    scores = torch.baddbmm(pe, q_rows, latent.transpose(1, 2)).float() * scale
+    if mask is not None:
+        scores = (scores.view(b, h, t, s) + mask.float()).clamp_min(torch.finfo(torch.float32).min).view(b, h * t, s)
+    probs = torch.softmax(scores, dim=-1).to(latent.dtype)
+    return torch.bmm(probs, latent).view(b, h, t, c)
+
+
+# ---------------------------------------------------------------------------------------------- rms_norm
+
+_HAS_RMS_NORM = hasattr(torch, "rms_norm")
+
+
+def _rms_fused_ok(x, weight, eps) -> bool:
+    return _HAS_RMS_NORM and x.dtype == torch.float32 and (weight is None or weight.dtype == torch.float32)
+
+
+@ref.rms_norm.register("fused", predicate=_rms_fused_ok, priority=10)
+def rms_norm_fused(x, weight, eps):
+    """torch's RMSNorm in one call (fp32 only, where it is bit-identical to the reference's fp32 math)."""
+    return torch.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+# ---------------------------------------------------------------------------------------------- rope
+
+
+@ref.rope.register("addcmul", priority=10)
+def rope_addcmul(x, cos, sin, style="neox"):
+    """The reference's rotation in fewer dispatches (casts only when needed, the multiply-add fused):
+    a decode step calls it once per layer. Equal to the reference within an ulp (fused multiply-add)."""
+    if style == "interleaved":
+        b, h, t, d = x.shape
+        x = x.view(b, h, t, d // 2, 2).transpose(-1, -2).reshape(b, h, t, d)
+    if cos.dim() == x.dim() - 1:
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    if cos.dtype != x.dtype:
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.addcmul(x * cos, torch.cat((-x2, x1), dim=-1), sin)
+
+
 # ---------------------------------------------------------------------------------------------- MoE
 
-# Below this many (token, expert) pairs the gathered-weight path wins: no host sync, no loop, capturable
-# in a CUDA graph. Above it the sorted-segment path reads each active expert's weights once.
+# Up to this many (token, expert) pairs per call a decode-sized path wins over sorting into segments
+# (measured: one token with top-6 or top-8 on CPU; the GPU path has no per-pair cost, so it goes further).
+INDEXED_MAX_PAIRS = 8
 GATHER_MAX_PAIRS = 16
 
 
-@ref.moe.register("gather", predicate=lambda x, idx, *a, **k: idx.numel() <= GATHER_MAX_PAIRS, priority=20)
+def _small_on(device_type: str, max_pairs: int):
+    return lambda x, idx, *a, **k: x.device.type == device_type and idx.numel() <= max_pairs
+
+
+@ref.moe.register("indexed", predicate=_small_on("cpu", INDEXED_MAX_PAIRS), priority=20)
+def moe_indexed(x, topk_idx, topk_weight, w_gate_up, w_down):
+    """Decode-sized MoE on the host: read the chosen experts' ids (free on CPU) and run each chosen
+    expert on a view of its stacked weights; nothing is copied, nothing is sorted."""
+    n, kk = topk_idx.shape
+    ys = []
+    for i, e in enumerate(topk_idx.reshape(-1).tolist()):
+        r = i // kk
+        gate, up = F.linear(x[r : r + 1], w_gate_up[e]).chunk(2, dim=-1)
+        ys.append(F.linear(F.silu(gate) * up, w_down[e]))
+    y = torch.cat(ys).float().view(n, kk, -1) * topk_weight.float().unsqueeze(-1)
+    return y.sum(1).to(x.dtype)
+
+
+@ref.moe.register("gather", predicate=_small_on("cuda", GATHER_MAX_PAIRS), priority=20)
 def moe_gather(x, topk_idx, topk_weight, w_gate_up, w_down):
-    """Decode-sized MoE: gather the K chosen experts' weights per token and run one batched matmul."""
+    """Decode-sized MoE on a GPU: gather the K chosen experts' weights per token and run one batched
+    matmul. No host sync and fixed shapes, so a decode step stays capturable in a CUDA graph (on CPU the
+    weight copy costs more than it saves: `indexed` runs there)."""
     n, kk = topk_idx.shape
     flat = topk_idx.reshape(-1)  # [N*K]
     xs = x.repeat_interleave(kk, dim=0).unsqueeze(-1)  # [N*K, H, 1]

@@ -7,6 +7,7 @@ from .model import Block, LanguageModel
 from .moe import Experts, Gate, MoE
 from .norm import RMSNorm
 from .rope import RotaryEmbedding
+from .step import DecodeStep
 
-__all__ = ["Attention", "Block", "CacheFullError", "Experts", "Gate", "KVCache", "LanguageModel", "MLAttention",
+__all__ = ["Attention", "Block", "CacheFullError", "DecodeStep", "Experts", "Gate", "KVCache", "LanguageModel", "MLAttention",
            "MoE", "RMSNorm", "RotaryEmbedding", "SwiGLU"]

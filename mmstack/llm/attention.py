@@ -11,9 +11,12 @@ from torch import nn
 
 from .. import kernels
 from .cache import KVCache
+from .fused import fused
 
 
 class Attention(nn.Module):
+    input_projections = ("q_proj", "k_proj", "v_proj")  # read the same input: packed by `fuse_projections`
+
     def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, bias: bool = False,
                  rope_style: str = "neox", device=None, dtype=None):
         super().__init__()
@@ -29,11 +32,14 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
                 causal: bool, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B,H,T,D]
-        k = self.k_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B,G,T,D]
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        q = kernels.rope(q, cos, sin, self.rope_style)
-        k = kernels.rope(k, cos, sin, self.rope_style)
+        qkv = fused(self, self.input_projections, x)
+        q, k, v = qkv if qkv is not None else (self.q_proj(x), self.k_proj(x), self.v_proj(x))
+        q = q.view(b, t, self.heads, self.head_dim).transpose(1, 2)  # [B,H,T,D]
+        k = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)  # [B,G,T,D]
+        v = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+        # one rotation over the query and key heads together: half the kernel calls of a decode step
+        qk = kernels.rope(torch.cat((q, k), 1), cos, sin, self.rope_style)  # [B,H+G,T,D]
+        q, k = qk.split_with_sizes((self.heads, self.kv_heads), 1)
         if cache is not None:
             k, v = cache.update_mha(layer, k, v)  # [B,G,S,D]
         o = kernels.attention(q, k, v, mask=mask, causal=causal, scale=self.scale)  # [B,H,T,D]

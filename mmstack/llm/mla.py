@@ -17,6 +17,7 @@ from torch import nn
 from .. import kernels
 from ..config import MLAConfig
 from .cache import KVCache
+from .fused import fused
 from .norm import RMSNorm
 
 
@@ -50,22 +51,30 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(heads * self.v_dim, hidden, bias=bias, **kw)
         self.scale = softmax_scale if softmax_scale is not None else (self.nope + self.rope_dim) ** -0.5
         self.mode = mode  # "auto" | "naive" | "absorb"
+        # the query (or its low-rank A) and the kv latent read the same input: packed by `fuse_projections`
+        self.input_projections = ("q_a_proj" if mla.q_lora_rank else "q_proj", "kv_a_proj_with_mqa")
         self.rope_style = rope_style
 
-    def _query(self, x: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "q_proj"):
-            return self.q_proj(x)
-        return self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+    def _project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query [.., H*(P+R)], kv_a output [.., C+R])."""
+        names = self.input_projections
+        out = fused(self, names, x)
+        q, kv = out if out is not None else (getattr(self, names[0])(x), self.kv_a_proj_with_mqa(x))
+        if names[0] == "q_a_proj":
+            q = self.q_b_proj(self.q_a_layernorm(q))
+        return q, kv
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: Optional[torch.Tensor],
                 causal: bool, cache: Optional[KVCache] = None, layer: int = 0) -> torch.Tensor:
         b, t, _ = x.shape
-        q = self._query(x).view(b, t, self.heads, self.nope + self.rope_dim).transpose(1, 2)  # [B,H,T,P+R]
-        q_nope, q_pe = q.split([self.nope, self.rope_dim], dim=-1)
-        latent, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        q, kv = self._project(x)
+        q = q.view(b, t, self.heads, self.nope + self.rope_dim).transpose(1, 2)  # [B,H,T,P+R]
+        q_nope, q_pe = q.split_with_sizes((self.nope, self.rope_dim), dim=-1)
+        latent, k_pe = kv.split_with_sizes((self.kv_lora_rank, self.rope_dim), dim=-1)
         latent = self.kv_a_layernorm(latent)  # [B,T,C]
-        q_pe = kernels.rope(q_pe, cos, sin, self.rope_style)
-        k_pe = kernels.rope(k_pe.unsqueeze(1), cos, sin, self.rope_style).squeeze(1)  # [B,T,R]
+        # the shared rope key rotates with the query heads in one call
+        pe = kernels.rope(torch.cat((q_pe, k_pe.unsqueeze(1)), 1), cos, sin, self.rope_style)  # [B,H+1,T,R]
+        q_pe, k_pe = pe[:, : self.heads], pe[:, self.heads]  # [B,H,T,R], [B,T,R]
         if cache is not None:
             latent, k_pe = cache.update_mla(layer, latent, k_pe)  # [B,S,C], [B,S,R]
         mode = self.mode
@@ -89,9 +98,9 @@ class MLAttention(nn.Module):
     def _absorbed(self, q_nope, q_pe, latent, k_pe, mask, causal):
         w = self.kv_b_proj.weight.view(self.heads, self.nope + self.v_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H,P,C], [H,V,C]
-        q_latent = torch.einsum("bhtp,hpc->bhtc", q_nope, w_uk)
-        if causal:
+        q_latent = torch.matmul(q_nope, w_uk)  # [B,H,T,P] @ [H,P,C] -> [B,H,T,C]
+        if causal and q_nope.shape[2] > 1:  # a single query aligned to the end sees every key
             cm = causal_additive(q_nope.shape[2], latent.shape[1], latent.device)
             mask = cm if mask is None else (mask.float() + cm).clamp_min(torch.finfo(torch.float32).min)
         o_latent = kernels.mla_decode(q_latent, q_pe, latent, k_pe, mask, self.scale)  # [B,H,T,C]
-        return torch.einsum("bhtc,hvc->bhtv", o_latent, w_uv)
+        return torch.matmul(o_latent, w_uv.transpose(-1, -2))  # [B,H,T,C] @ [H,C,V] -> [B,H,T,V]

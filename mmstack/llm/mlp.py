@@ -5,8 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .fused import fused
+
 
 class SwiGLU(nn.Module):
+    input_projections = ("gate_proj", "up_proj")  # read the same input: packed by `fuse_projections`
+
     def __init__(self, dim: int, hidden: int, bias: bool = False, device=None, dtype=None):
         super().__init__()
         kw = dict(bias=bias, device=device, dtype=dtype)
@@ -15,4 +19,6 @@ class SwiGLU(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gu = fused(self, self.input_projections, x)
+        gate, up = gu if gu is not None else (self.gate_proj(x), self.up_proj(x))
+        return self.down_proj(F.silu(gate) * up)

@@ -7,12 +7,14 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import LMConfig
 from .attention import Attention
 from .cache import KVCache
+from .fused import _ATTR as _PACKED, pack
 from .mla import MLAttention
 from .mlp import SwiGLU
 from .moe import MoE
@@ -70,6 +72,26 @@ class LanguageModel(nn.Module):
     def dtype(self) -> torch.dtype:
         return self.embed_tokens.weight.dtype
 
+    def fuse_projections(self) -> int:
+        """Pack every group of projections that read the same input (q/k/v; gate/up, shared experts
+        included; MLA's query and kv latent) into one tensor per group, so inference runs one matmul per
+        group (see `mmstack.llm.fused`). Parameters keep their names, values and state-dict form.
+        Returns the number of groups packed; a later `.to()` re-packs."""
+        self._fused = True
+        n = 0
+        for m in self.modules():
+            names = getattr(m, "input_projections", None)
+            if names is not None:
+                m.__dict__.pop(_PACKED, None)
+                n += pack(m, names)
+        return n
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        if getattr(self, "_fused", False):  # moved or cast: the packed tensors must follow the parameters
+            self.fuse_projections()
+        return out
+
     def new_cache(self, batch: int, capacity: int, dtype: Optional[torch.dtype] = None) -> KVCache:
         return KVCache(self.cfg, batch, capacity, device=self.device, dtype=dtype or self.dtype)
 
@@ -96,21 +118,22 @@ class LanguageModel(nn.Module):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         h = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         b, t, _ = h.shape
+        if cache is not None and cache.static:
+            return self._static_step(h, attention_mask, positions, cache)
         valid = None if attention_mask is None else attention_mask.to(torch.bool)
-        past = cache.length if cache is not None else 0
+        table = cache if positions is None else None  # default positions stay below the cache capacity
         if positions is None:
             start = cache.next_pos[:, None] if cache is not None else torch.zeros(b, 1, dtype=torch.long, device=h.device)
             if valid is None:
-                positions = start + torch.arange(t, device=h.device)[None]
+                positions = start if t == 1 else start + torch.arange(t, device=h.device)[None]
             else:
                 positions = (start + valid.long().cumsum(-1) - 1).clamp_min(0)
         if cache is not None:
             cache.reserve(t, valid)
-            key_valid = cache.key_valid[:, : past + t]
+            mask, causal = cache.mask(t)
         else:
-            key_valid = valid
-        mask, causal = self._mask(key_valid, b, t, past + t, h.device)
-        cos, sin = self.rotary(positions)
+            mask, causal = self._mask(valid, b, t, t, h.device)
+        cos, sin = self._rope_tables(positions, h.dtype, table)
         for block in self.layers:
             if self.gradient_checkpointing and self.training and cache is None:
                 h = checkpoint(block, h, cos, sin, mask, causal, use_reentrant=False)
@@ -119,6 +142,32 @@ class LanguageModel(nn.Module):
         if cache is not None:
             cache.advance(t, valid)
         return self.norm(h)
+
+    def _static_step(self, h: torch.Tensor, attention_mask, positions, cache: KVCache) -> torch.Tensor:
+        """One token per row on a static cache: fixed shapes, no host sync (see `KVCache.enter_static`).
+        The caller advances `cache.length` (host bookkeeping stays outside a captured graph)."""
+        if h.shape[1] != 1 or attention_mask is not None or positions is not None:
+            raise ValueError("a static cache step takes exactly one token per row, without mask or positions")
+        positions, mask = cache.static_reserve()
+        cos, sin = self._rope_tables(positions, h.dtype, cache)
+        for block in self.layers:
+            h = block(h, cos, sin, mask, False, cache)
+        cache.static_advance()
+        return self.norm(h)
+
+    def _rope_tables(self, positions: torch.Tensor, dtype: torch.dtype,
+                     cache: Optional[KVCache] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin [B,1,T,D] (computed in fp32, cast once per forward rather than once per layer). With a
+        cache, rows are looked up in a table of every position the cache can hold, built on first use: a
+        decode step then costs two lookups, and the values are the same elementwise fp32 results."""
+        if cache is None:
+            cos, sin = self.rotary(positions)
+            return cos.unsqueeze(1).to(dtype), sin.unsqueeze(1).to(dtype)
+        tab = cache.rope_table
+        if tab is None or tab[0].dtype != dtype:
+            cos, sin = self.rotary(torch.arange(cache.capacity, device=positions.device)[None])  # [1,S,D]
+            tab = cache.rope_table = (cos[0].to(dtype), sin[0].to(dtype))
+        return F.embedding(positions, tab[0]).unsqueeze(1), F.embedding(positions, tab[1]).unsqueeze(1)
 
     @staticmethod
     def _mask(key_valid: Optional[torch.Tensor], b: int, t: int, s: int, device):

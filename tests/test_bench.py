@@ -1,0 +1,70 @@
+"""`mmstack bench` plumbing on the tiny "smoke" size: every suite runs through the real command line, its
+correctness gate passes, and the JSON carries the fields the README tables are made from. No timing is
+asserted here: performance claims live in the benchmark output (docs/performance.md)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmstack import bench, bench_suites
+from mmstack.cli import main
+
+ROW_FIELDS = {"impl", "prefill_tok_s", "decode_ms_per_token", "e2e_s", "peak_mem_bytes", "kv_bytes_per_token",
+              "phases_s", "runs_e2e_s"}
+
+
+@pytest.mark.parametrize("suite", sorted(bench_suites.SUITES))
+def test_bench_suite_runs_gated_and_writes_json(suite, tmp_path, capsys):
+    out = tmp_path / f"{suite}.json"
+    rc = main(["bench", suite, "--size", "smoke", "--repeat", "2", "--warmup", "0", "--device", "cpu",
+               "--threads", str(torch.get_num_threads()), "--json", str(out)])
+    assert rc == 0, capsys.readouterr()
+    printed = capsys.readouterr().out
+    assert f"suite {suite}" in printed and "ours/theirs" in printed and "machine:" in printed
+    (result,) = json.loads(out.read_text())["results"]
+    assert result["suite"] == suite and result["size"] == "smoke" and result["dtype"] == "float32"
+    assert {"date", "cpu", "torch", "transformers", "torch_threads"} <= set(result["env"])
+    assert result["cases"]
+    for case in result["cases"]:
+        assert case["gate"] and all(g["ok"] for g in case["gate"])
+        assert len(case["rows"]) >= 2
+        for row in case["rows"]:
+            assert ROW_FIELDS <= set(row) and len(row["runs_e2e_s"]) == 2 and row["e2e_s"] > 0
+            assert row["kv_bytes_per_token"] > 0
+        ratio = case["ratio"]
+        assert ratio["against"] == case["rows"][1]["impl"] or ratio["against"] in {r["impl"] for r in case["rows"][1:]}
+        assert ratio["e2e_s"] > 0 and ratio["speedup_e2e"] == pytest.approx(1 / ratio["e2e_s"])
+
+
+def test_mla_bench_reports_the_latent_cache_size(tmp_path):
+    (result,) = bench.run_suites(["mla-moe-decode"], size="smoke", device="cpu", repeat=1, warmup=0)
+    c = bench_suites.MLA_SIZES["smoke"]["cfg"]
+    ours = result["cases"][0]["rows"][0]
+    assert ours["kv_bytes_per_token"] == (c["kv_lora_rank"] + c["qk_rope_head_dim"]) * c["num_hidden_layers"] * 4
+
+
+def test_failed_gate_times_nothing_and_exits_1(monkeypatch, capsys):
+    calls = []
+
+    def fake_suite(size, device, dtype, against):
+        def side(value):
+            def run():
+                calls.append(value)
+                return torch.tensor([value]), {}
+            return run
+
+        return [bench.Case("c", bench.Contender("ours", side(1)), [bench.Contender("theirs", side(2))],
+                           gate=lambda a, b: (torch.equal(a, b), "tokens differ"))]
+
+    monkeypatch.setitem(bench_suites.SUITES, "janus-t2i", fake_suite)
+    assert main(["bench", "janus-t2i", "--size", "smoke", "--device", "cpu"]) == 1
+    assert "correctness gate failed" in capsys.readouterr().out and calls == [1, 2]
+
+
+def test_bench_rejects_too_few_repeats_and_unknown_suites():
+    with pytest.raises(ValueError, match="at least 5"):
+        bench.run_suites(["janus-t2i"], size="cpu", repeat=3)
+    with pytest.raises(ValueError, match="unknown suite"):
+        bench.run_suites(["nope"], size="smoke")
