@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import csv
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -37,6 +38,8 @@ CHART_PROMPT = "Convert the chart to a table."
 # Defaults of the official demos (VL2 web_demo.py; Janus app_januspro.py / app_janusflow.py).
 CHAT_DEFAULTS = dict(temperature=0.1, top_p=0.9, max_new_tokens=512, repetition_penalty=1.1)
 CFG_DEFAULTS = {"vq": 5.0, "flow": 2.0}
+GENERATE_EXAMPLES = ["A red apple on a wooden table", "The face of a beautiful girl", "A city skyline at night"]
+EXAMPLES_FILE = "demo_examples.json"  # optional, in a model folder: {"generate": ["prompt", ...]}
 SEED_DEFAULT = 12345
 # One model serves every tab: all model events share one queue slot.
 MODEL_QUEUE = dict(concurrency_limit=1, concurrency_id="model")
@@ -286,6 +289,30 @@ def _chat_tab(h: Handlers) -> None:
     clear.click(h.clear, None, [chatbot, box, boxes], api_name="clear", cancels=[asked, again], queue=False)
 
 
+def generate_examples(pipe: Pipeline) -> list[str]:
+    """Example prompts for the Text to image tab: the model folder's `demo_examples.json` when it has one
+    (a model trained on a narrow domain, like the embedded one, ships prompts it knows), else generic ones.
+    The file is data: a bad one is ignored with a warning."""
+    path = Path(pipe.source) / EXAMPLES_FILE if pipe.source and Path(pipe.source).is_dir() else None
+    if path is None or not path.is_file():
+        return GENERATE_EXAMPLES
+    try:
+        prompts = json.loads(path.read_text(encoding="utf-8"))["generate"]
+        if isinstance(prompts, list) and prompts and all(isinstance(x, str) and 0 < len(x) <= 500 for x in prompts):
+            return prompts[:12]
+        raise ValueError("'generate' must be a non-empty list of strings of 1..500 characters")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s: ignored (%s)", path, e)
+        return GENERATE_EXAMPLES
+
+
+def cfg_default(pipe: Pipeline, mode: str) -> float:
+    """The CFG weight the model's config recommends for `mode` (vq_head / flow_head), else the family default."""
+    head = pipe.model.cfg.parts.get("vq_head" if mode == "vq" else "flow_head")
+    weight = getattr(head, "cfg_weight", None)
+    return float(weight) if weight else CFG_DEFAULTS[mode]
+
+
 def _generate_tab(h: Handlers, modes: list[str]) -> None:
     with gr.Row():
         with gr.Column(scale=1):
@@ -294,15 +321,14 @@ def _generate_tab(h: Handlers, modes: list[str]) -> None:
             mode = gr.Radio(modes, value=modes[0], label="Mode", visible=len(modes) > 1)
             n = gr.Slider(1, 8, value=4, step=1, label="Number of images")
             seed = gr.Number(value=SEED_DEFAULT, precision=0, label="Seed (-1 = random)")
-            cfg = gr.Slider(1.0, 10.0, value=CFG_DEFAULTS[modes[0]], step=0.5, label="CFG weight")
+            cfg = gr.Slider(1.0, 10.0, value=cfg_default(h.pipe, modes[0]), step=0.5, label="CFG weight")
             temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature", visible="vq" in modes)
             steps = gr.Slider(1, 50, value=30, step=1, label="Steps", visible="flow" in modes)
             button = gr.Button("Generate", variant="primary", elem_id="gen-button")
         with gr.Column(scale=2):
             gallery = gr.Gallery(label="Images", columns=2, rows=2, format="png", interactive=False,
                                  buttons=["download", "download_all", "fullscreen"], elem_id="gallery")
-    gr.Examples([["A red apple on a wooden table"], ["The face of a beautiful girl"], ["A city skyline at night"]],
-                inputs=prompt)
+    gr.Examples([[x] for x in generate_examples(h.pipe)], inputs=prompt)
     gr.on([button.click, prompt.submit], h.generate, [prompt, n, seed, cfg, temperature, steps, mode], gallery,
           api_name="generate", **MODEL_QUEUE)
 

@@ -89,6 +89,25 @@ def demo_config(recipe: dict, vocab_size: int):
     return ModelConfig(language=language, parts=parts, name=recipe.get("name", "mmstack-demo"))
 
 
+def _train_seconds(stage_dir: Path) -> float:
+    """Sum of the step times a stage logged (metrics.jsonl), so a resumed build still reports its cost."""
+    total = 0.0
+    metrics = stage_dir / "metrics.jsonl"
+    if metrics.exists():
+        for line in metrics.read_text(encoding="utf-8").splitlines():
+            try:
+                total += float(json.loads(line).get("seconds", 0.0))
+            except (ValueError, AttributeError):
+                continue
+    return round(total, 1)
+
+
+def write_demo_examples(model_dir: Path, t2i_prompts, n: int = 6) -> None:
+    """The Text to image tab's example prompts (`demo_examples.json`): the first distinct held-out prompts."""
+    picked = list(dict.fromkeys(t2i_prompts))[:n]
+    (model_dir / "demo_examples.json").write_text(json.dumps({"generate": picked}, indent=2))
+
+
 def build(recipe_path: Path, work: Path, out: Path) -> Path:
     """Run every stage of the recipe (resuming finished ones) and write the half-precision model to `out`."""
     from mmstack.loading import build_model, load_model, save_pretrained
@@ -97,6 +116,8 @@ def build(recipe_path: Path, work: Path, out: Path) -> Path:
     from .train import TrainArgs, run
 
     recipe = json.loads(Path(recipe_path).read_text())
+    if recipe.get("threads"):  # 1 thread is slower on an idle machine but never thrashes beside other work
+        torch.set_num_threads(int(recipe["threads"]))
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     data = work / "data"
@@ -114,6 +135,7 @@ def build(recipe_path: Path, work: Path, out: Path) -> Path:
         torch.manual_seed(recipe.get("seed", 0))
         save_pretrained(build_model(demo_config(recipe, vocab), "cpu"), init, tokenizer_dir=tok)
     current = init
+    stage_seconds = {}
     for i, stage in enumerate(recipe["stages"]):
         sdir = work / f"stage{i}-{stage['task']}"
         if not (sdir / "model" / "config.json").exists():
@@ -122,13 +144,18 @@ def build(recipe_path: Path, work: Path, out: Path) -> Path:
             log.info("stage %d: %s", i, args)
             run(TrainArgs(model=str(current), data=files, out=str(sdir), resume=True, **args))
         current = sdir / "model"
+        stage_seconds[sdir.name] = _train_seconds(sdir)
     model = load_model(current, device="cpu", dtype=torch.float16)
     if out.exists():
         shutil.rmtree(out)
     save_pretrained(model, out, tokenizer_dir=current)
     meta = {"recipe": str(recipe_path), "seconds": round(time.time() - t0, 1), "torch": torch.__version__,
-            "threads": torch.get_num_threads()}
+            "threads": torch.get_num_threads(), "stage_train_seconds": stage_seconds,
+            "note": "seconds: this invocation's wall time (finished stages are skipped on a rerun); "
+                    "stage_train_seconds: the sum of each stage's logged step times, whichever run did them"}
     (out / "build.json").write_text(json.dumps(meta, indent=2))
+    prompts = [json.loads(x)["prompt"] for x in (heldout / "t2i.jsonl").read_text(encoding="utf-8").splitlines()]
+    write_demo_examples(out, prompts)
     return out
 
 

@@ -121,6 +121,31 @@ def test_mla_cache_holds_only_latent_and_rope_key():
     assert mha.nbytes_per_token() == 2 * 2 * 12 * 3 * 4
 
 
+def _decode_step_flops(m, prompt_len: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    cache = m.new_cache(1, prompt_len + 1)
+    with torch.no_grad():
+        m(input_ids=torch.randint(0, 96, (1, prompt_len)), cache=cache)
+        with FlopCounterMode(display=False) as counter:
+            m(input_ids=torch.randint(0, 96, (1, 1)), cache=cache)
+    return counter.get_total_flops()
+
+
+def test_mla_decode_cost_grows_only_by_latent_attention():
+    """Absorbed decode attends over the cached latent directly: each extra cached token costs exactly the
+    latent attention, 2*H*(C + R) for the scores and 2*H*C for the values, per layer. transformers' MLA
+    re-expands every cached latent through kv_b_proj at each step (2*C*H*(nope + v) more per token)."""
+    cfg = _cfg("mla")
+    m = _model("mla")
+    h, c, r = cfg.num_heads, cfg.mla.kv_lora_rank, cfg.mla.qk_rope_head_dim
+    per_token = 2 * h * (c + r) + 2 * h * c
+    short, long = _decode_step_flops(m, 16), _decode_step_flops(m, 80)
+    assert long - short == per_token * cfg.num_layers * (80 - 16)
+    reexpansion = 2 * c * h * (cfg.mla.qk_nope_head_dim + cfg.mla.v_head_dim)
+    assert long - short < reexpansion * cfg.num_layers * (80 - 16) / 4
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     m = _model("mla").train()
     ids = torch.randint(0, 96, (2, 8))

@@ -205,6 +205,19 @@ def test_understanding_only_model_gets_no_text_to_image_tab():
     assert {"chat", "regenerate", "clear", "ocr", "chart"} <= names and "generate" not in names
 
 
+def test_text_to_image_examples_and_cfg_come_from_the_model_folder(tmp_path, caplog):
+    from mmstack.apps.demo import GENERATE_EXAMPLES, cfg_default, generate_examples
+
+    pipe = mmstack.load(JANUS, device="cpu", tokenizer=tokenizer_for(JANUS))
+    assert generate_examples(pipe) == GENERATE_EXAMPLES  # the golden folder ships none
+    assert cfg_default(pipe, "vq") == pipe.model.cfg.parts["vq_head"].cfg_weight
+    pipe.source = str(tmp_path)
+    (tmp_path / "demo_examples.json").write_text('{"generate": ["a red circle", "a blue square"]}')
+    assert generate_examples(pipe) == ["a red circle", "a blue square"]
+    (tmp_path / "demo_examples.json").write_text('{"generate": [3]}')  # data, not trusted: ignored with a warning
+    assert generate_examples(pipe) == GENERATE_EXAMPLES and "demo_examples.json: ignored" in caplog.text
+
+
 def test_demo_command_binds_loopback_by_default():
     from mmstack.cli import build_parser
 
