@@ -7,6 +7,7 @@ dec_aligner}` (JanusFlow).
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -19,9 +20,10 @@ from mmstack.io.keymaps import Rule
 from mmstack.llm.norm import RMSNorm
 from mmstack.loading import register_part_rules
 from mmstack.model import register_part_builder
+from mmstack.writers import ExportError, Written, official_override, register_part_writer
 
 from .uvit import ShallowUViTDecoder, ShallowUViTEncoder, UViTDecoderConfig, UViTEncoderConfig
-from .vq import VQConfig, VQModel
+from .vq import VQ16, VQConfig, VQModel
 
 
 @dataclass
@@ -163,6 +165,52 @@ def _read_janusflow(raw: dict, cfg: ModelConfig, where: str, folder) -> None:
 
 register_part_reader("janus", _read_janus)
 register_part_reader("janusflow", _read_janusflow)
+
+# ------------------------------------------------------------------------------------------ writers
+# The inverse of the readers above (`mmstack.export`).
+
+# Sampling settings: chosen per call or at load time, no official config field holds them.
+VQ_SETTINGS = tuple(f"vq_head.{f}" for f in ("cfg_weight", "temperature", "row_layout", "uncond", "image_top_k",
+                                               "image_size"))
+FLOW_SETTINGS = tuple(f"flow_head.{f}" for f in ("cfg_weight", "steps", "vae_scaling_factor", "vae_downsample"))
+
+
+def _write_janus(cfg: ModelConfig, out: Written) -> None:
+    have = [k for k in ("vq", "vq_head") if k in cfg.parts]
+    if not have:
+        return  # an understanding-only Janus
+    if len(have) == 1:
+        raise ExportError(f"janus: image generation needs both vq and vq_head; this model has only {have[0]}")
+    vq, head = cfg.parts["vq"], cfg.parts["vq_head"]
+    # "VQ-16" fixes everything but the two sizes its params carry
+    released = dataclasses.replace(vq, codebook_size=VQ16.codebook_size, codebook_embed_dim=VQ16.codebook_embed_dim)
+    cls = "VQ-16" if released == VQ16 else official_override(out, "vq_model", "VQ-custom", vq.to_official())
+    out.config.update(
+        gen_vision_config=dict(cls=cls, model_type="gen_vision", params=dict(
+            image_token_size=vq.codebook_size, n_embed=vq.codebook_embed_dim)),
+        gen_aligner_config=dict(cls="MlpProjector", model_type="gen_aligner", params=dict(
+            depth=head.aligner_depth, input_dim=head.embed_dim, n_embed=head.n_embed, projector_type="mlp_gelu")),
+        gen_head_config=dict(cls="vision_head", model_type="gen_head", params=dict(
+            image_token_embed=head.head_embed, image_token_size=head.codebook_size, n_embed=head.n_embed)),
+    )
+
+
+def _official_params(c) -> dict:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(c).items()}
+
+
+def _write_janusflow(cfg: ModelConfig, out: Written) -> None:
+    out.config.update(
+        vision_gen_enc_config=dict(cls="ShallowUViTEncoder", model_type="vision_gen_enc",
+                                   params=_official_params(cfg.parts["flow_encoder"])),
+        vision_gen_dec_config=dict(cls="ShallowUViTDecoder", model_type="vision_gen_dec",
+                                   params=_official_params(cfg.parts["flow_decoder"])),
+    )
+
+
+register_part_writer("janus", _write_janus, not_stored=VQ_SETTINGS)
+register_part_writer("janusflow", _write_janusflow, needs=("flow_encoder", "flow_decoder", "flow_head"),
+                     not_stored=FLOW_SETTINGS)
 
 register_part_rules("janus", [
     Rule("gen_vision_model.{rest}", "vq.{rest}"),

@@ -60,6 +60,15 @@ class VQConfig:
             codebook_show_usage=params.get("codebook_show_usage", True),
         )
 
+    def to_official(self) -> dict:
+        """The inverse of `from_official`: the official `ModelArgs` field names."""
+        return dict(
+            codebook_size=self.codebook_size, codebook_embed_dim=self.codebook_embed_dim,
+            codebook_l2_norm=self.codebook_l2_norm, codebook_show_usage=self.codebook_show_usage,
+            encoder_ch_mult=list(self.ch_mult), decoder_ch_mult=list(self.decoder_ch_mult), z_channels=self.z_channels,
+            ch=self.ch, num_res_blocks=self.num_res_blocks, norm_type="group", dropout_p=self.dropout,
+        )
+
 
 # https://github.com/deepseek-ai/Janus/blob/1daa72f/janus/models/vq_model.py `VQ_16`
 VQ16 = VQConfig()

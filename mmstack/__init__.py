@@ -24,6 +24,8 @@ _LAZY = {
     "read_config": ("mmstack.formats", "read_config"),
     "build_model": ("mmstack.loading", "build_model"),
     "save_pretrained": ("mmstack.loading", "save_pretrained"),
+    "export_pretrained": ("mmstack.loading", "export_pretrained"),
+    "ExportError": ("mmstack.writers", "ExportError"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -213,19 +213,39 @@ def cmd_chat(args) -> int:
 
 
 def _convert_args(p):
+    from .writers import export_formats
+
     p.add_argument("source", help="model folder in any supported format")
-    p.add_argument("out", help="output folder (native mmstack format)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--to", default="mmstack", choices=export_formats(), metavar="FORMAT",
+                   help="output format: mmstack (native, the default), deepseek_vl_v2, janus, janusflow (official), "
+                        "hf_deepseek_v2, hf_deepseek_v3, hf_llama, hf_janus (transformers)")
     p.add_argument("--tokenizer", default=None, help="tokenizer to copy (default: the source's)")
+    p.add_argument("--dtype", default=None, help="weights dtype (default: the source checkpoint's)")
+    p.add_argument("--language-only", action="store_true",
+                   help="write only the language model (e.g. a DeepSeek-VL2 or Janus LLM as an hf_* causal LM)")
 
 
-@command("convert", "convert an official / transformers checkpoint folder to the native format", _convert_args)
+@command("convert", "convert a checkpoint folder: official / transformers -> native, or back with --to "
+                    "(e.g. a fine-tuned native model -> deepseek_vl_v2)", _convert_args)
 def cmd_convert(args) -> int:
     from .api import find_tokenizer
-    from .loading import load_model, save_pretrained
+    from .export import plan_export
+    from .formats import read_config
+    from .loading import checkpoint_dtype, export_pretrained, load_model, resolve_dtype
+    from .writers import ExportError
 
-    model = load_model(args.source, device="cpu")
+    cfg = read_config(args.source)
     tok = args.tokenizer or find_tokenizer(Path(args.source))
-    out = save_pretrained(model, args.out, tokenizer_dir=tok)
+    dtype = resolve_dtype(args.dtype) or checkpoint_dtype(args.source)
+    try:
+        if args.to != "mmstack":  # refuse before loading the weights
+            plan_export(cfg, args.to, tokenizer_dir=tok, language_only=args.language_only)
+        model = load_model(args.source, device="cpu", dtype=dtype, cfg=cfg)
+        out = export_pretrained(model, args.out, args.to, tokenizer_dir=tok, language_only=args.language_only)
+    except ExportError as e:  # the format cannot hold this model: a usage error
+        print(f"mmstack convert: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {out}")
     return 0
 

@@ -104,9 +104,54 @@ def save_pretrained(model: MultimodalModel, out_dir: Union[str, Path], tokenizer
     tmp.write_text(native.dumps(), encoding="utf-8")
     tmp.replace(out / "config.json")
     if tokenizer_dir is not None:
-        src = Path(tokenizer_dir)
-        src = src.parent if src.is_file() else src
-        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-            if (src / name).exists() and (src / name).resolve() != (out / name).resolve():
-                shutil.copyfile(src / name, out / name)
+        copy_tokenizer(tokenizer_dir, out)
     return out
+
+
+def export_pretrained(model: MultimodalModel, out_dir: Union[str, Path], fmt: str = "mmstack",
+                      tokenizer_dir: Optional[Union[str, Path]] = None, language_only: bool = False) -> Path:
+    """Write `model` in format `fmt`: "mmstack" (native, `save_pretrained`) or an official / transformers
+    format (deepseek_vl_v2, janus, janusflow, hf_deepseek_v2, hf_deepseek_v3, hf_llama, hf_janus) that
+    the official code, transformers and `mmstack.load` read. See `mmstack.export.export_pretrained`.
+
+    Raises:
+        ExportError: an unknown format, or one that cannot hold this model (the message names the part or
+            setting).
+    """
+    from .export import export_pretrained as export
+    from .writers import ExportError
+
+    if fmt == "mmstack":
+        if language_only:
+            raise ExportError("language_only is for the export formats; the native format keeps every part")
+        return save_pretrained(model, out_dir, tokenizer_dir=tokenizer_dir)
+    return export(model, out_dir, fmt, tokenizer_dir=tokenizer_dir, language_only=language_only)
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "added_tokens.json", "chat_template.jinja")
+
+
+def copy_tokenizer(src: Union[str, Path], out: Path, names: tuple = TOKENIZER_FILES) -> None:
+    """Copy the tokenizer files of folder `src` (or of the folder holding `src`, a tokenizer.json) to `out`."""
+    src = Path(src)
+    src = src.parent if src.is_file() else src
+    for name in names:
+        if (src / name).exists() and (src / name).resolve() != (out / name).resolve():
+            shutil.copyfile(src / name, out / name)
+
+
+def checkpoint_dtype(model_dir: Union[str, Path]) -> Optional[torch.dtype]:
+    """The dtype of most floating-point weights in a safetensors checkpoint folder (None for `.bin`)."""
+    from .io.checkpoint import check_safetensors
+
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+    count: dict = {}
+    for f in find_weight_files(model_dir):
+        if f.suffix != ".safetensors":
+            return None
+        for key, info in check_safetensors(f).items():
+            if key != "__metadata__" and info["dtype"] in names:
+                a, b = info["data_offsets"]
+                count[names[info["dtype"]]] = count.get(names[info["dtype"]], 0) + b - a
+    return max(count, key=count.get) if count else None

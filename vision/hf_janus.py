@@ -27,10 +27,11 @@ from typing import Optional
 from mmstack.chat import CHAT_FORMATS, ChatConfig
 from mmstack.config import ConfigError, ModelConfig
 from mmstack.formats import register_part_reader
-from mmstack.generation.parts import VQGenerationConfig
+from mmstack.generation.parts import VQ_SETTINGS, VQGenerationConfig
 from mmstack.generation.vq import VQConfig
 from mmstack.io.keymaps import Rule
 from mmstack.loading import register_part_rules
+from mmstack.writers import ExportError, Written, register_part_writer
 
 from .layout import LayoutConfig
 from .parts import ImageProcessingConfig, _json
@@ -169,6 +170,68 @@ def _read_hf_janus(raw: dict, cfg: ModelConfig, where: str, folder: Optional[Pat
 
 
 register_part_reader("hf_janus", _read_hf_janus)
+
+# ------------------------------------------------------------------------------------------ writer
+# The inverse of `_read_hf_janus` (`mmstack.export`); `JanusForConditionalGeneration` can hold exactly the
+# models whose aligners run tower -> LLM width and whose generation head is LLM width -> LLM width.
+
+HF_JANUS_IMAGE_TOKEN_ID = 100581  # JanusConfig's default, the released tokenizer's <image_placeholder>
+
+
+def _write_hf_janus(cfg: ModelConfig, out: Written) -> None:
+    t, p, lay, vq, head = (cfg.parts[k] for k in ("vision", "projector", "layout", "vq", "vq_head"))
+    hidden, fmt = cfg.language.hidden_size, "hf_janus"
+
+    def expect(ok: bool, msg: str) -> None:
+        if not ok:
+            raise ExportError(f"{fmt}: {msg}")
+
+    expect(lay.kind == "janus", f"needs the Janus layout (layout.kind 'janus'); this model's is {lay.kind!r}")
+    expect(p.kind == "mlp_gelu" and p.input_dim == t.width and p.n_embed == hidden,
+           f"the aligner must be mlp_gelu from the tower width {t.width} to the LLM width {hidden}; this model's is "
+           f"{p.kind} {p.input_dim} -> {p.n_embed}")
+    expect(head.head_embed == hidden and head.n_embed == hidden,
+           f"transformers' generation head maps the LLM width {hidden} to itself before the code logits; this "
+           f"model's head is {head.n_embed} -> {head.head_embed}")
+    expect(tuple(vq.ch_mult) == tuple(vq.decoder_ch_mult), "transformers' VQ has one channel_multiplier for the "
+           f"encoder and decoder; this model's are {list(vq.ch_mult)} / {list(vq.decoder_ch_mult)}")
+    expect(1 <= p.depth <= MAX_ALIGNER_DEPTH and 1 <= head.aligner_depth <= MAX_ALIGNER_DEPTH,
+           f"aligner depths must be in 1..{MAX_ALIGNER_DEPTH}")
+    grid = t.image_size // t.patch_size
+    chat = cfg.parts.get("chat")
+    tag = chat.image_tag if chat else _TAGS["image_token"]
+    image_token_id = out.token_id(tag)
+    if image_token_id is None:
+        log.warning("hf_janus: %r not found (no tokenizer given?): image_token_id set to the released %d", tag,
+                    HF_JANUS_IMAGE_TOKEN_ID)
+        image_token_id = HF_JANUS_IMAGE_TOKEN_ID
+    out.config.update(
+        vision_config=dict(
+            model_type="janus_vision_model", hidden_size=t.width, num_hidden_layers=t.layers,
+            num_attention_heads=t.heads, num_channels=3, image_size=t.image_size, patch_size=t.patch_size,
+            hidden_act="gelu", layer_norm_eps=t.ln_eps, mlp_ratio=t.mlp_ratio, attention_bias=True,
+            projection_dim=hidden, use_qk_norm=False, depth=p.depth, num_image_tokens=grid * grid),
+        vq_config=dict(
+            model_type="janus_vqgan", embed_dim=vq.codebook_embed_dim, num_embeddings=vq.codebook_size,
+            double_latent=False, latent_channels=vq.z_channels, in_channels=3, out_channels=3, base_channels=vq.ch,
+            channel_multiplier=list(vq.ch_mult), num_res_blocks=vq.num_res_blocks, dropout=vq.dropout,
+            projection_dim=hidden, num_hidden_layers=head.aligner_depth, hidden_act="gelu",
+            image_token_embed_dim=hidden, num_patches=grid),
+        image_token_id=image_token_id, tie_word_embeddings=cfg.language.tie_word_embeddings,
+    )
+    ip = cfg.parts.get("image_processing")
+    if ip is not None:
+        out.files["preprocessor_config.json"] = dict(
+            image_processor_type="JanusImageProcessor", size={"height": ip.image_size, "width": ip.image_size},
+            min_size=ip.min_size, image_mean=list(ip.image_mean), image_std=list(ip.image_std), do_resize=True,
+            resample=3, do_rescale=True, rescale_factor=1 / 255, do_normalize=True, do_pad=True,
+            background_color=list(ip.background))
+
+
+# The official tower's unused attention-pool head and the VQ's never-updated usage buffer have no place
+# in transformers' model: exporting an official Janus drops them (with a warning).
+register_part_writer("hf_janus", _write_hf_janus, needs=("vision", "projector", "layout", "vq", "vq_head"),
+                     not_stored=VQ_SETTINGS + ("vision.global_pool", "vq.codebook_show_usage"))
 
 # ------------------------------------------------------------------------------------------ key rules
 # Order matters both ways: the first rule whose source (loading) or internal pattern (export) matches

@@ -15,6 +15,7 @@ from mmstack.formats import register_part_reader
 from mmstack.io.keymaps import Rule
 from mmstack.loading import register_part_rules
 from mmstack.model import register_part_builder
+from mmstack.writers import ExportError, Written, official_override, register_part_writer
 
 from .layout import Layout, LayoutConfig
 from .projector import Projector, ProjectorConfig
@@ -154,6 +155,94 @@ def _read_janus_common(raw, cfg, where, folder, vision_key: str, flow: bool):
 register_part_reader("deepseek_vl_v2", _read_vl2)
 register_part_reader("janus", lambda raw, cfg, where, folder: _read_janus_common(raw, cfg, where, folder, "vision_config", False))
 register_part_reader("janusflow", lambda raw, cfg, where, folder: _read_janus_common(raw, cfg, where, folder, "vision_und_enc_config", True))
+
+# ------------------------------------------------------------------------------------------ writers
+# The inverse of the readers above (`mmstack.export`): the official field names and constants as the
+# released config.json / processor_config.json / preprocessor_config.json files spell them.
+
+
+def _expect(ok: bool, fmt: str, msg: str) -> None:
+    if not ok:
+        raise ExportError(f"{fmt}: {msg}")
+
+
+def _write_vl2(cfg: ModelConfig, out: Written) -> None:
+    t, p, lay, ip = (cfg.parts[k] for k in ("vision", "projector", "layout", "image_processing"))
+    fmt = "deepseek_vl_v2"
+    _expect(lay.kind == "vl2_tiles", fmt, f"needs the tile layout (layout.kind 'vl2_tiles'); this model's is {lay.kind!r}")
+    _expect(ip.kind == "vl2_tiling", fmt, f"needs dynamic tiling (image_processing.kind 'vl2_tiling'); this model's is {ip.kind!r}")
+    cands = [list(c) for c in ip.candidate_resolutions]
+    out.config.update(
+        tile_tag=lay.tile_tag, global_view_pos=lay.global_view_pos, candidate_resolutions=cands,
+        # VisionEncoderConfig: the official model builds the tower from these dims (model_name is a label)
+        vision_config=dict(model_type="vision", model_name="siglip_so400m_patch14_384", image_size=t.image_size,
+                           patch_size=t.patch_size, width=t.width, layers=t.layers, heads=t.heads,
+                           mlp_ratio=t.mlp_ratio, global_pool=t.global_pool, ignore_head=True, class_token=False,
+                           num_classes=0, use_checkpoint=False, weight_init="skip"),
+        projector_config=dict(model_type="mlp_projector", projector_type=p.kind, input_dim=p.input_dim,
+                              n_embed=p.n_embed, depth=p.depth, mlp_ratio=p.mlp_ratio,
+                              downsample_ratio=p.downsample_ratio, token_pooling=False),
+    )
+    chat = cfg.parts.get("chat")
+    out.files["processor_config.json"] = dict(
+        candidate_resolutions=cands, patch_size=ip.patch_size, downsample_ratio=ip.downsample_ratio,
+        image_mean=list(ip.image_mean), image_std=list(ip.image_std), normalize=True,
+        image_token=chat.image_tag if chat else "<image>", pad_token=chat.pad_tag if chat else "<｜▁pad▁｜>",
+        add_special_token=False, sft_format="deepseek", mask_prompt=False, ignore_id=-100,
+        processor_class="DeepseekVLV2Processor",
+    )
+
+
+def _siglip_params(t: VisionTowerConfig, out: Written) -> dict:
+    """`CLIPVisionTower` params: a released SigLIP by `model_name` (fewer blocks through `select_layer`), else
+    a `siglip_custom` entry under `_golden_overrides` (the official tables cannot name other towers)."""
+    params = dict(image_size=t.image_size, model_name="siglip_custom", select_feature="same", select_layer=-1)
+    # act / ln_eps are fixed in the official towers: a difference shows in the read-back comparison
+    mine = (t.patch_size, t.width, t.heads, float(t.mlp_ratio), t.global_pool)
+    for name, s in SIGLIP.items():
+        theirs = (s["patch_size"], s["width"], s["heads"], float(s["mlp_ratio"]), s.get("global_pool", "map"))
+        if mine == theirs and t.layers <= s["layers"]:
+            return dict(params, model_name=name, select_layer=t.layers - s["layers"] - 1)
+    official_override(out, "siglip_model_config", "siglip_custom", dict(
+        image_size=t.image_size, patch_size=t.patch_size, width=t.width, layers=t.layers, heads=t.heads,
+        mlp_ratio=t.mlp_ratio, global_pool=t.global_pool, use_checkpoint=False))
+    return params
+
+
+def _write_janus_common(cfg: ModelConfig, out: Written, fmt: str, vision_key: str) -> None:
+    t, p, lay = (cfg.parts[k] for k in ("vision", "projector", "layout"))
+    _expect(lay.kind == fmt, fmt, f"needs the {fmt} layout (layout.kind {fmt!r}); this model's is {lay.kind!r}")
+    out.config[vision_key] = dict(cls="CLIPVisionTower", model_type=vision_key[: -len("_config")],
+                                  params=_siglip_params(t, out))
+    if fmt == "janusflow":  # vision_und_enc_aligner: one Linear(width, hidden)
+        _expect(p.kind == "linear", fmt, f"the understanding aligner is one Linear; this model's is {p.kind!r}")
+    else:
+        _expect(p.kind in ("linear", "mlp_gelu"), fmt, f"projector kind {p.kind!r} is not an official Janus "
+                                                      "aligner (linear, mlp_gelu)")
+        out.config["aligner_config"] = dict(cls="MlpProjector", model_type="aligner", params=dict(
+            depth=p.depth, input_dim=p.input_dim, n_embed=p.n_embed, projector_type=p.kind))
+    ip = cfg.parts.get("image_processing")
+    if ip is not None:
+        _expect(ip.kind == "square_pad", fmt, f"needs square-pad image processing; this model's is {ip.kind!r}")
+        out.files["preprocessor_config.json"] = dict(
+            image_size=ip.image_size, min_size=ip.min_size, image_mean=list(ip.image_mean),
+            image_std=list(ip.image_std), rescale_factor=1 / 255, do_normalize=True,
+            image_processor_type="VLMImageProcessor", processor_class="VLChatProcessor")
+    chat = cfg.parts.get("chat")
+    if chat is not None:
+        proc = dict(image_tag=chat.image_tag, image_start_tag=chat.image_start_tag, image_end_tag=chat.image_end_tag)
+        if fmt == "janusflow":
+            proc["image_gen_tag"] = chat.gen_tag
+        proc.update(pad_tag=chat.pad_tag, num_image_tokens=chat.num_image_tokens, add_special_token=False,
+                    sft_format="deepseek", mask_prompt=True, ignore_id=-100, processor_class="VLChatProcessor")
+        out.files["processor_config.json"] = proc
+
+
+register_part_writer("deepseek_vl_v2", _write_vl2, needs=("vision", "projector", "layout", "image_processing"))
+register_part_writer("janus", lambda cfg, out: _write_janus_common(cfg, out, "janus", "vision_config"),
+                     needs=("vision", "projector", "layout"), not_stored=("chat.gen_tag",))
+register_part_writer("janusflow", lambda cfg, out: _write_janus_common(cfg, out, "janusflow", "vision_und_enc_config"),
+                     needs=("vision", "projector", "layout"), not_stored=("chat.gen_tag",))
 
 # ------------------------------------------------------------------------------------------ key rules
 
