@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lora-alpha", type=int, default=16)
     p.add_argument("--lora-targets", default=TrainArgs.lora_targets)
     p.add_argument("--gradient-checkpointing", action="store_true")
-    p.add_argument("--dtype", default=None)
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp32"],
+                   help="bf16 autocast for the forward (default on CUDA; ~1.8x faster on CPUs with AVX512-BF16/AMX)")
     p.add_argument("--device", default=None)
     p.add_argument("--eval-fraction", type=float, default=0.05)
     p.add_argument("--eval-every", type=int, default=0)
@@ -35,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--skip-bad", action="store_true", help="drop invalid examples instead of stopping")
     p.add_argument("--prompt-dropout", type=float, default=0.1)
+    p.add_argument("--parallel", default="ddp", choices=["ddp", "fsdp"],
+                   help="with several torchrun processes: replicate (ddp), or shard weights, gradients and "
+                        "optimizer state (fsdp, FSDP2) for models larger than one device")
     p.add_argument("--stop-after", type=int, default=None, help=argparse.SUPPRESS)
 
 

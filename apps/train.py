@@ -1,5 +1,6 @@
 """The fine-tuning loop: choose what trains (parts, LoRA), gradient accumulation and checkpointing,
-warmup + cosine LR, held-out eval loss, metrics JSONL, atomic resumable checkpoints, DDP under torchrun.
+warmup + cosine LR, held-out eval loss, metrics JSONL, atomic resumable checkpoints, DDP or FSDP2 under
+torchrun (see `parallel`).
 
 Tasks: "understanding" (assistant-token CE), "vq" (image-code CE with prompt dropout), "flow" (velocity
 MSE with condition dropout), "vq_tokenizer" (VQ reconstruction), "mixed" (understanding + vq each step).
@@ -20,6 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+
+from . import parallel
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ class TrainArgs:
     lora_alpha: int = 16
     lora_targets: str = "q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
     gradient_checkpointing: bool = False
-    dtype: Optional[str] = None  # default: bf16 autocast on CUDA, fp32 on CPU
+    dtype: Optional[str] = None  # autocast: default bf16 on CUDA, fp32 on CPU; "bf16" also on CPU, "fp32" off
     device: Optional[str] = None
     eval_fraction: float = 0.05
     eval_every: int = 0
@@ -54,6 +57,7 @@ class TrainArgs:
     prompt_dropout: float = 0.1
     log_every: int = 1
     stop_after: Optional[int] = None  # stop (as if killed) after this step: for resume tests
+    parallel: str = "ddp"  # with several processes: "ddp", or "fsdp" (sharded, for models larger than a device)
     extra: dict = field(default_factory=dict)
 
 
@@ -64,10 +68,16 @@ def dist_info() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def init_distributed(device: torch.device) -> None:
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the torchrun process group (if any); returns the device, made this process's own GPU."""
     rank, world = dist_info()
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     if world > 1 and not torch.distributed.is_initialized():
         torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
 
 
 def all_sum(x: float) -> float:
@@ -76,6 +86,16 @@ def all_sum(x: float) -> float:
         torch.distributed.all_reduce(t)
         return float(t.item())
     return float(x)
+
+
+def autocast_bf16(device: torch.device, dtype: Optional[str]) -> bool:
+    """Whether the forward runs under bf16 autocast (weights and optimizer state stay fp32): by default on
+    CUDA; on CPU when asked ("bf16"), where matmuls with AVX512-BF16/AMX run ~1.8x faster than fp32."""
+    if dtype not in (None, "bf16", "bfloat16", "fp32", "float32"):
+        raise ValueError(f"--dtype must be bf16 or fp32, got {dtype!r}")
+    if dtype in ("fp32", "float32"):
+        return False
+    return device.type == "cuda" or dtype in ("bf16", "bfloat16")
 
 
 # ------------------------------------------------------------------------------------------ checkpoints
@@ -244,16 +264,11 @@ class Batcher:
         x = torch.from_numpy(__import__("numpy").asarray(img, dtype="float32")).permute(2, 0, 1) / 127.5 - 1
         return x
 
-    @torch.no_grad()
-    def codes(self, examples) -> torch.Tensor:
+    def codes(self, examples) -> "ImageCodes":
         size = self.model.cfg.parts["vq_head"].image_size
         missing = [ex for ex in examples if ex.id not in self._codes]
-        if missing:
-            x = torch.stack([self._pixels(ex.images[0], size) for ex in missing]).to(self.pipe.device)
-            _, idx = self.model.vq.encode(x.to(self.model.dtype))
-            for ex, c in zip(missing, idx.view(len(missing), -1).cpu()):
-                self._codes[ex.id] = c
-        return torch.stack([self._codes[ex.id] for ex in examples]).to(self.pipe.device)
+        pixels = torch.stack([self._pixels(ex.images[0], size) for ex in missing]) if missing else None
+        return ImageCodes([ex.id for ex in examples], pixels, self._codes, self.pipe.device)
 
     def vq(self, examples, gen: torch.Generator):
         drop = torch.rand(len(examples), generator=gen) < self.args.prompt_dropout
@@ -261,11 +276,34 @@ class Batcher:
         return ids, mask, self.codes(examples)
 
 
+@dataclass
+class ImageCodes:
+    """The VQ codes of a batch's images: those encoded before (`cache`, by example id) and the pixels of
+    the rest [M,3,S,S], which `LossModule.forward` encodes: only there does FSDP hold the VQ weights whole."""
+
+    keys: list
+    pixels: Optional[torch.Tensor]
+    cache: dict
+    device: torch.device
+
+    @torch.no_grad()
+    def resolve(self, model) -> torch.Tensor:
+        """Encode what is missing (adding it to the cache); returns codes [B, N]."""
+        missing = [k for k in self.keys if k not in self.cache]
+        if missing:
+            with torch.autocast(self.device.type, enabled=False):  # the codes do not depend on --dtype
+                _, idx = model.vq.encode(self.pixels.to(self.device, model.dtype))
+            for k, c in zip(missing, idx.view(len(missing), -1).cpu()):
+                self.cache[k] = c
+        return torch.stack([self.cache[k] for k in self.keys]).to(self.device)
+
+
 # ------------------------------------------------------------------------------------------ the loop
 
 
 class LossModule(torch.nn.Module):
-    """Wraps the model so DistributedDataParallel sees every loss computation as its forward."""
+    """Wraps the model so that DDP / FSDP see every loss computation as its forward: every use of a weight
+    happens inside `forward` (FSDP gathers the root group's weights only there)."""
 
     def __init__(self, model):
         super().__init__()
@@ -279,6 +317,7 @@ class LossModule(torch.nn.Module):
             return training.understanding_loss(m, batch)
         if task == "vq":
             ids, mask, codes = batch
+            codes = codes.resolve(m)
             return training.vq_generation_loss(m, ids, mask, codes), codes.numel()
         if task == "flow":
             ids, mask, latents, gen = batch
@@ -319,9 +358,16 @@ def run(args: TrainArgs) -> Path:
     from .data import load_examples
 
     out = Path(args.out)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    init_distributed(device)
+    if args.parallel not in parallel.MODES:
+        raise ValueError(f"--parallel must be one of {parallel.MODES}, got {args.parallel!r}")
     rank, world = dist_info()
+    mode = args.parallel if world > 1 else None
+    if mode == "fsdp" and args.lora_r:
+        raise ValueError("--lora-r with --parallel fsdp is not supported yet (use --parallel ddp)")
+    if args.batch_size < world:
+        raise ValueError(f"--batch-size {args.batch_size} is the global batch: it needs one example per process "
+                         f"at least ({world} processes)")
+    device = init_distributed(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     pipe = mmstack.load(args.model, device=device, dtype=torch.float32, tokenizer=args.tokenizer)
@@ -343,21 +389,29 @@ def run(args: TrainArgs) -> Path:
         from .lora import add_lora
 
         add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets.split(","))
-        trainable = [p for n, p in model.named_parameters() if p.requires_grad]
     else:
-        trainable = select_trainable(model, args.train)
+        select_trainable(model, args.train)
+    ties = parallel.tied_names(model)
+    loss_mod = LossModule(model)
+    if mode is not None:
+        # FSDP: a vision block is its own group only if no rank can get a share of a batch without images
+        shard_vision = all(ex.images for ex in und)
+        if mode == "fsdp" and not shard_vision and rank == 0:
+            log.info("some examples have no image: the vision tower stays in the root FSDP group")
+        loss_mod = parallel.wrap(loss_mod, mode, device, shard_vision=shard_vision)
+    trainable = [p for p in loss_mod.parameters() if p.requires_grad]  # after wrap: FSDP replaces them
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
     state = {"step": 0, "pos": {"und": 0, "t2i": 0}}
     ckpt = out / "checkpoint" / "state.pt"
     if args.resume and ckpt.exists():
-        try:  # weights_only: a tampered state.pt cannot run code, it is refused
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        try:  # weights_only: a tampered state.pt cannot run code, it is refused. mmap: under FSDP every
+            # rank reads the whole file, and the ranks then share one copy of its pages
+            saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=mode == "fsdp")
         except Exception as e:
             raise CheckpointError(f"{ckpt}: cannot resume from it: not a checkpoint torch.load(weights_only=True) "
                                   f"accepts ({type(e).__name__}: {str(e)[:300]})") from None
-        model.load_state_dict(saved["model"])
-        opt.load_state_dict(saved["optimizer"])
+        parallel.load_state(loss_mod, model, opt, saved["model"], saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
         state = saved["state"]
@@ -366,12 +420,9 @@ def run(args: TrainArgs) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         _truncate_metrics(metrics, state["step"])
         (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
-    loss_mod = LossModule(model)
-    if world > 1:
-        loss_mod = torch.nn.parallel.DistributedDataParallel(loss_mod, find_unused_parameters=True)
     batcher = Batcher(pipe, args)
     gen = torch.Generator().manual_seed(args.seed + 17)
-    use_bf16 = device.type == "cuda" and (args.dtype in (None, "bf16", "bfloat16"))
+    use_bf16 = autocast_bf16(device, args.dtype)
     tasks = ["understanding", "vq"] if args.task == "mixed" else [args.task]
     pools = {"understanding": ("und", und), "vq": ("t2i", t2i), "flow": ("t2i", t2i), "vq_tokenizer": ("t2i", t2i)}
     from tqdm import tqdm
@@ -389,20 +440,23 @@ def run(args: TrainArgs) -> Path:
                 state["pos"][key] += args.batch_size
                 mine = [pool[i] for i in idx[rank::world]]
                 batch = _make(batcher, task, mine, gen)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=use_bf16):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss, n = loss_mod(task, batch)
                 n_all = all_sum(n)
-                # sum over this rank's items / items over all ranks, times world (DDP averages gradients)
+                # sum over this rank's items / items over all ranks, times world (DDP and FSDP average gradients)
                 (loss * n / max(n_all, 1) * world / args.grad_accum).backward()
                 total += all_sum(float(loss.detach()) * n) / max(n_all, 1) / args.grad_accum
             logged[f"loss_{task}"] = total
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        if mode == "fsdp":
+            parallel.drop_unreached_grads(trainable)
+        norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # a DTensor under FSDP (same value on each rank)
+        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         opt.step()
         sched.step()
         state["step"] += 1
         step = state["step"]
-        rec = {"step": step, "loss": sum(logged.values()), **logged, "lr": sched.get_last_lr()[0],
-               "seconds": round(time.time() - t0, 4)}
+        rec = {"step": step, "loss": sum(logged.values()), **logged, "grad_norm": float(norm),
+               "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 4)}
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             rec["eval_loss"] = evaluate(loss_mod, batcher, tasks, {"understanding": und_eval, "vq": t2i_eval,
                                                                    "flow": t2i_eval, "vq_tokenizer": t2i_eval}, args)
@@ -411,13 +465,19 @@ def run(args: TrainArgs) -> Path:
                 f.write(json.dumps(rec) + "\n")
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
-        if rank == 0 and (step % args.save_every == 0 or step == args.steps):
-            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                               "scheduler": sched.state_dict(), "rng": rng_state(), "state": state}, ckpt)
+        if step % args.save_every == 0 or step == args.steps:
+            full = {"model": parallel.model_state(loss_mod, model, ties),  # under FSDP: all ranks gather
+                    "optimizer": parallel.optimizer_state(loss_mod, model, opt)}
+            if rank == 0:
+                atomic_torch_save({**full, "scheduler": sched.state_dict(), "rng": rng_state(), "state": state}, ckpt)
+            del full
         if args.stop_after is not None and step >= args.stop_after:
             bar.close()
             return out
     bar.close()
+    if mode == "fsdp":  # every rank gathers; rank 0 writes a plain model holding the full weights
+        sd = parallel.model_state(loss_mod, model, ties)
+        model = parallel.full_model(model, sd, ties) if rank == 0 else None
     if rank == 0:
         if args.lora_r:
             from .lora import merge_lora

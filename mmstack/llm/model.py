@@ -86,6 +86,13 @@ class LanguageModel(nn.Module):
                 n += pack(m, names)
         return n
 
+    def unfuse_projections(self) -> None:
+        """Forget the packed tensors (the parameters stay views of them until something re-allocates
+        them): call before FSDP sharding, which would otherwise leave a full copy on every rank."""
+        self._fused = False
+        for m in self.modules():
+            m.__dict__.pop(_PACKED, None)
+
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
         if getattr(self, "_fused", False):  # moved or cast: the packed tensors must follow the parameters

@@ -1,5 +1,6 @@
 """Fine-tuning: data formats and validation, loss goes down per task, resume equals an uninterrupted
-run step for step, 2-process gloo (torchrun) equals 1 process, LoRA merge equals the adapted forward."""
+run step for step, 2-process gloo (torchrun) equals 1 process under DDP and FSDP2 (and an FSDP run resumes
+step for step), LoRA merge equals the adapted forward."""
 from __future__ import annotations
 
 import json
@@ -40,8 +41,8 @@ def data(tmp_path_factory):
     return d
 
 
-def _losses(out):
-    return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+def _losses(out, key: str = "loss"):
+    return [json.loads(line)[key] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_formats_normalise_to_the_same_example(tmp_path):
@@ -136,16 +137,105 @@ def test_lora_merge_equals_adapted_forward():
     assert (plain - after).abs().max().item() > 1e-3  # the adapters changed the model
 
 
+TWO_PROC = ["--model", str(VL2), "--tokenizer", str(VL2_TOK), "--steps", "4", "--batch-size", "4", "--lr", "2e-3",
+            "--warmup", "1", "--device", "cpu", "--save-every", "2"]
+
+
+def _finetune(out, *extra, procs: int = 1, port: int = 29517) -> None:
+    """`python -m mmstack.apps.finetune` in a subprocess, under torchrun when procs > 1 (gloo on CPU)."""
+    launch = ["-m", "torch.distributed.run", "--nproc-per-node", str(procs), "--master-port", str(port)] if procs > 1 else []
+    r = subprocess.run([sys.executable, *launch, "-m", "mmstack.apps.finetune", *TWO_PROC, *extra, "--out", str(out)],
+                       capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def one_process_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("one") / "out"
+    _finetune(out, "--data", str(data / "data.jsonl"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("fsdp") / "out"
+    _finetune(out, "--data", str(data / "data.jsonl"), "--parallel", "fsdp", procs=2, port=29518)
+    return out
+
+
 @pytest.mark.slow
-def test_two_process_gloo_equals_one_process(data, tmp_path):
-    common = ["--model", str(VL2), "--tokenizer", str(VL2_TOK), "--data", str(data / "data.jsonl"), "--steps", "4",
-              "--batch-size", "4", "--lr", "2e-3", "--warmup", "1", "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, "-m", "mmstack.apps.finetune", *common, "--out", str(tmp_path / "one")],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-                          "-m", "mmstack.apps.finetune", *common, "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env, timeout=600)
-    assert two.returncode == 0, two.stderr[-2000:]
-    assert np.allclose(_losses(tmp_path / "one"), _losses(tmp_path / "two"), atol=1e-5)
+def test_two_process_gloo_equals_one_process(data, one_process_run, tmp_path):
+    _finetune(tmp_path / "two", "--data", str(data / "data.jsonl"), procs=2)
+    assert np.allclose(_losses(one_process_run), _losses(tmp_path / "two"), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_two_process_fsdp_equals_one_process_and_saves_the_same_files(one_process_run, fsdp_run):
+    # fp32 on both sides; only the reduction order of the gradient average differs (rtol 1e-4 allows it)
+    assert np.allclose(_losses(one_process_run), _losses(fsdp_run), rtol=1e-4, atol=1e-6), \
+        (_losses(one_process_run), _losses(fsdp_run))
+    norms = _losses(fsdp_run, "grad_norm")  # clip_grad_norm_ on sharded (DTensor) gradients
+    assert min(norms) > 1.0 and np.allclose(_losses(one_process_run, "grad_norm"), norms, rtol=1e-4), norms
+    init = mmstack.load(VL2, device="cpu", tokenizer=VL2_TOK).model.state_dict()
+    ref = mmstack.load(one_process_run / "model", device="cpu").model.state_dict()
+    got = mmstack.load(fsdp_run / "model", device="cpu").model.state_dict()
+    assert ref.keys() == got.keys()
+    # Adam turns a gradient of pure round-off (the key bias, which softmax ignores) into a step of up to
+    # lr * |g| / eps, of either sign: per weight allow lr / 2; over all weights the two runs differ by
+    # ~1e-4 of how far training moved them, allow 1e-3
+    for k in ref:
+        torch.testing.assert_close(got[k], ref[k], rtol=0, atol=1e-3, msg=k)
+    diff = sum(float((got[k] - ref[k]).square().sum()) for k in ref) ** 0.5
+    moved = sum(float((ref[k] - init[k]).square().sum()) for k in ref) ** 0.5
+    assert diff < 1e-3 * moved, (diff, moved)
+    from safetensors import safe_open
+
+    names = [sorted(safe_open(str(o / "model" / "model.safetensors"), "pt").keys()) for o in (one_process_run, fsdp_run)]
+    assert names[0] == names[1]
+    # the checkpoint holds full tensors in the single-process form (so either resumes the other)
+    a, b = (torch.load(o / "checkpoint" / "state.pt", weights_only=True) for o in (one_process_run, fsdp_run))
+    assert a["state"] == b["state"] and a["scheduler"] == b["scheduler"]
+    assert a["model"].keys() == b["model"].keys()
+    assert a["optimizer"]["param_groups"] == b["optimizer"]["param_groups"]
+    assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
+    for i, s in a["optimizer"]["state"].items():
+        for k, v in s.items():
+            torch.testing.assert_close(b["optimizer"]["state"][i][k], v, rtol=1e-3, atol=1e-6, msg=f"{i}.{k}")
+
+
+@pytest.mark.slow
+def test_fsdp_resume_after_a_stop_matches_the_uninterrupted_fsdp_run(data, fsdp_run, tmp_path):
+    common = ["--data", str(data / "data.jsonl"), "--parallel", "fsdp"]
+    _finetune(tmp_path / "b", *common, "--stop-after", "3", procs=2, port=29519)  # "killed" after 3, saved at 2
+    assert len(_losses(tmp_path / "b")) == 3
+    _finetune(tmp_path / "b", *common, "--resume", procs=2, port=29519)
+    assert np.allclose(_losses(fsdp_run), _losses(tmp_path / "b"), rtol=1e-6, atol=1e-5), \
+        (_losses(fsdp_run), _losses(tmp_path / "b"))
+    a, b = (torch.load(o / "checkpoint" / "state.pt", weights_only=True)["optimizer"] for o in (fsdp_run, tmp_path / "b"))
+    assert a["state"].keys() == b["state"].keys()  # no state appears for weights that never had a gradient
+
+
+@pytest.mark.slow
+def test_fsdp_with_image_free_shares_of_a_batch_equals_one_process(data, tmp_path):
+    # two examples in three without an image: some steps give a process no image, so the vision tower runs
+    # on one rank only (it must then stay in the root FSDP group, or the ranks' collectives diverge)
+    recs = [json.loads(line) for line in (data / "data.jsonl").read_text().splitlines()]
+    for i in range(len(recs)):
+        recs[i]["images"] = [str(data / f) for f in recs[i]["images"]]
+        if i % 3:
+            recs[i] = {"id": f"text{i}", "messages": [{"role": "user", "content": "Say a colour."},
+                                                       {"role": "assistant", "content": "Blue."}]}
+    (tmp_path / "mixed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    common = dict(model=str(VL2), tokenizer=str(VL2_TOK), data=[str(tmp_path / "mixed.jsonl")], steps=3, batch_size=4,
+                  lr=2e-3, warmup=1, device="cpu")
+    run(TrainArgs(out=str(tmp_path / "one"), **common))
+    _finetune(tmp_path / "two", "--data", str(tmp_path / "mixed.jsonl"), "--steps", "3", "--parallel", "fsdp", procs=2,
+              port=29520)
+    assert np.allclose(_losses(tmp_path / "one"), _losses(tmp_path / "two"), rtol=1e-4, atol=1e-6)
+
+
+def test_fsdp_refuses_lora(data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # refused before any process group is joined
+    with pytest.raises(ValueError, match="--lora-r with --parallel fsdp is not supported yet"):
+        run(TrainArgs(model=str(VL2), tokenizer=str(VL2_TOK), data=[str(data / "data.jsonl")], out=str(tmp_path / "o"),
+                      parallel="fsdp", lora_r=4, device="cpu"))

@@ -1,0 +1,172 @@
+"""Data parallelism for the fine-tuning loop: DDP, or FSDP2 (`fully_shard`) for models larger than one
+device; and training state as full (unsharded) tensors, so that a checkpoint and the final model folder
+have the same form whichever way they were trained, and any of them resumes under any mode.
+
+FSDP groups: each decoder layer, each vision-tower block (when every rank runs the tower in every step),
+and the root, the `LossModule`, which holds the rest (embeddings, heads, projector, VQ, ...). Everything
+the losses touch runs inside `LossModule.forward`, so the root group is gathered whenever a weight of it
+is read, including by methods other than `forward` (`language.logits`, `vq_head.embed_codes`).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+MODES = ("ddp", "fsdp")
+_FULL = dict(full_state_dict=True, cpu_offload=True)  # rank 0 gathers each tensor to CPU, the others get {}
+
+
+def shard_units(model, vision: bool) -> list[nn.Module]:
+    """The modules that become their own FSDP group: decoder layers, then vision-tower blocks."""
+    units = list(model.language.layers)
+    tower = getattr(getattr(model, "vision", None), "tower", None)
+    if vision and isinstance(getattr(tower, "blocks", None), nn.Module):
+        units += list(tower.blocks)
+    return units
+
+
+def wrap(loss_mod: nn.Module, mode: str, device: torch.device, shard_vision: bool = True) -> nn.Module:
+    """Wrap the loss module for `mode` ("ddp" or "fsdp") across the initialised process group.
+
+    Args:
+        shard_vision: give each vision block its own group. Only when every rank runs the tower in every
+            forward: a group gathers and reduces with collectives that all ranks must enter together, so a
+            rank whose share of a batch has no image would hang the others (the root group has no such
+            constraint). Left out, the tower is part of the root group.
+    Returns:
+        the module to call. Under FSDP it is `loss_mod` itself, its parameters replaced by sharded
+        DTensors: build the optimizer from `.parameters()` after this call.
+    """
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(loss_mod, find_unused_parameters=True)
+    if mode != "fsdp":
+        raise ValueError(f"--parallel must be one of {MODES}, got {mode!r}")
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    model = loss_mod.model
+    model.language.unfuse_projections()  # the packed inference copies would stay whole on every rank
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    # Weights stay fp32 (bf16 comes from autocast). reduce_dtype is stated because reducing unused
+    # parameters (below) needs it to build the zero gradients.
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
+    for unit in shard_units(model, shard_vision):
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(loss_mod, mesh=mesh, mp_policy=policy)
+    # A rank can leave weights of a group it ran without gradient (an image-free share of a batch skips
+    # the projector, a share without target tokens the LM head, an expert no token chose): it then
+    # reduces zeros, as DDP's find_unused_parameters does, so every rank reduces the same tensors.
+    loss_mod.set_reduce_scatter_unused_params(True)
+    return loss_mod
+
+
+def drop_unreached_grads(params: list) -> None:
+    """Under FSDP, after backward: give a gradient of None back to each parameter that no rank reached.
+
+    Reducing unused parameters (see `wrap`) hands those all-zero gradients, and AdamW would then create
+    state for them and decay them, which DDP and a single process do not do (their gradient stays None):
+    a weight that is never used (timm's attention-pool head) would end up different.
+    """
+    if not params:
+        return
+    none = torch.zeros((), dtype=torch.bool, device=params[0].device)
+    hit = torch.stack([p.grad.to_local().ne(0).any() if p.grad is not None else none for p in params]).float()
+    torch.distributed.all_reduce(hit, op=torch.distributed.ReduceOp.MAX)
+    for p, h in zip(params, hit.tolist()):
+        if not h:
+            p.grad = None
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+# ------------------------------------------------------------------------------------------ full state
+
+
+def tied_names(model: nn.Module) -> list[list[str]]:
+    """Names of parameters that are one tensor (tied embeddings), in groups; read before sharding."""
+    groups: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        groups.setdefault(id(p), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def model_state(wrapped: nn.Module, model: nn.Module, ties: list[list[str]]) -> dict:
+    """`model.state_dict()` as full CPU tensors. Under FSDP every rank must call it; only rank 0 gets the
+    tensors (the others get {}), with tied names sharing one tensor as in the unsharded model."""
+    if not is_fsdp(wrapped):
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    sd = get_model_state_dict(model, options=StateDictOptions(**_FULL))
+    for names in ties:
+        if names[0] in sd:
+            for name in names[1:]:
+                sd[name] = sd[names[0]]
+    return sd
+
+
+def optimizer_state(wrapped: nn.Module, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """`opt.state_dict()` (parameters numbered in optimizer order) with full CPU tensors. Under FSDP every
+    rank must call it; only rank 0 gets the state (the others get {})."""
+    if not is_fsdp(wrapped):
+        return opt.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(model, opt, options=StateDictOptions(**_FULL))
+    if not by_name:
+        return {}
+    position = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
+    index = {n: position[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if id(p) in position}
+    return {"state": {index[n]: s for n, s in by_name["state"].items()},
+            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
+
+
+def load_state(wrapped: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, model_sd: dict,
+               opt_sd: dict) -> None:
+    """Load full state (as `model_state` / `optimizer_state` return it); under FSDP each rank keeps its
+    shards. Every rank passes the whole state."""
+    if not is_fsdp(wrapped):
+        model.load_state_dict(model_sd)
+        opt.load_state_dict(opt_sd)
+        return
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
+    if [len(g["params"]) for g in opt_sd["param_groups"]] != [len(g["params"]) for g in opt.param_groups]:
+        raise ValueError("the saved optimizer state has parameter groups of other sizes than this optimizer's")
+    names = _optimizer_names(model, opt)
+    by_name = {"state": {names[i]: s for i, s in opt_sd["state"].items()},
+               "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in opt_sd["param_groups"]]}
+    # strict=False: a parameter that never had a gradient has no state (see `drop_unreached_grads`), as in
+    # `opt.state_dict()`. Loading fills in fresh state for it: drop that again, as `opt.load_state_dict` would
+    set_optimizer_state_dict(model, opt, by_name, options=StateDictOptions(full_state_dict=True, strict=False))
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        if i not in opt_sd["state"]:
+            opt.state.pop(p, None)
+
+
+def full_model(like: nn.Module, sd: dict, ties: list[list[str]]) -> nn.Module:
+    """A plain model with `like`'s config holding the full state `sd` (CPU): what `save_pretrained` writes
+    after an FSDP run. Built on the meta device, so the tensors of `sd` are used, not copied."""
+    from mmstack.loading import build_model
+
+    model = build_model(like.cfg, "meta")
+    model.load_state_dict(sd, assign=True)
+    for names in ties:  # assign=True gives each name its own Parameter: re-tie as the constructor did
+        first = model.get_parameter(names[0])
+        for name in names[1:]:
+            owner, _, leaf = name.rpartition(".")
+            setattr(model.get_submodule(owner), leaf, first)
+    return model
+
+
+def _optimizer_names(model: nn.Module, opt: torch.optim.Optimizer) -> list[str]:
+    """The name of each optimizer parameter, in the order `opt.state_dict()` numbers them."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for g in opt.param_groups for p in g["params"]]
