@@ -91,6 +91,33 @@ def test_chunked_prefill_equals_single_prefill(kind):
     torch.testing.assert_close(b.layers[-1][0], a.layers[-1][0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["mla", "mla_qlora_sigmoid"])
+def test_long_chunks_expand_the_latent_and_short_ones_absorb_with_the_same_result(kind, monkeypatch):
+    """Chunked prefill over a cache picks the cheaper MLA path per chunk (`absorb_pays`); both agree with
+    one full prefill. Test sizes: C=16, P=8, R=8, V=12: over 60 cached tokens, chunks of 19+ queries expand."""
+    from mmstack.decoding import prefill
+
+    m = _model(kind)
+    attn = m.layers[0].self_attn
+    assert attn.absorb_pays(1, 4096) and attn.absorb_pays(18, 60) and not attn.absorb_pays(19, 60)
+    used = []
+    for name in ("_naive", "_absorbed"):
+        real = getattr(MLAttention, name)
+        monkeypatch.setattr(MLAttention, name, lambda self, *a, _r=real, _n=name: used.append(_n) or _r(self, *a))
+    ids = torch.randint(3, 96, (1, 90))
+    a, b = m.new_cache(1, 90), m.new_cache(1, 90)
+    ha = prefill(m, a, ids)
+    used.clear()
+    hb = prefill(m, b, ids, chunk=30)  # 30 + 30 + 30: the first has no cache, the next two expand
+    assert set(used) == {"_naive"}
+    torch.testing.assert_close(hb, ha, atol=1e-5, rtol=1e-5)
+    used.clear()
+    c = m.new_cache(1, 90)
+    hc = prefill(m, c, ids, chunk=8)  # chunks of 8 over a cache absorb
+    assert "_absorbed" in used
+    torch.testing.assert_close(hc, ha, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_grouped_moe_model_equals_expert_loop(kind):
     m = _model(kind)

@@ -79,13 +79,25 @@ class MLAttention(nn.Module):
             latent, k_pe = cache.update_mla(layer, latent, k_pe)  # [B,S,C], [B,S,R]
         mode = self.mode
         if mode == "auto":
-            # expand when every key is new (prefill / training); attend on the latent otherwise
-            mode = "naive" if latent.shape[1] == t else "absorb"
+            # expand when every key is new (prefill / training) or when a long chunk makes that cheaper
+            # (chunked prefill over a long cache); attend on the latent otherwise (decode)
+            mode = "naive" if latent.shape[1] == t or not self.absorb_pays(t, latent.shape[1]) else "absorb"
         if mode == "naive":
             o = self._naive(q_nope, q_pe, latent, k_pe, mask, causal)
         else:
             o = self._absorbed(q_nope, q_pe, latent, k_pe, mask, causal)
         return self.o_proj(o.transpose(1, 2).reshape(b, t, self.heads * self.v_dim))
+
+    def absorb_pays(self, t: int, s: int) -> bool:
+        """Whether attending on the latent costs fewer multiply-adds than expanding it, for t queries over s
+        cached tokens (per head and row). Absorbed: t*s*(2C + R) for scores and values, plus t*C*(P + V) to
+        fold W_UK / W_UV. Naive: s*C*(P + V) to expand every cached latent through kv_b_proj, plus
+        t*s*(P + R + V). Decode (t = 1) always absorbs; chunks longer than about C*(P+V) / (2C - P - V)
+        queries expand (about 170 for DeepSeek-V2-Lite: C=512, P=V=128)."""
+        c, p, r, v = self.kv_lora_rank, self.nope, self.rope_dim, self.v_dim
+        absorbed = t * s * (2 * c + r) + t * c * (p + v)
+        naive = s * c * (p + v) + t * s * (p + r + v)
+        return absorbed <= naive
 
     def _naive(self, q_nope, q_pe, latent, k_pe, mask, causal):
         b, s, _ = latent.shape
