@@ -403,6 +403,7 @@ def run(args: TrainArgs) -> Path:
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
     state = {"step": 0, "pos": {"und": 0, "t2i": 0}}
+    gen = torch.Generator().manual_seed(args.seed + 17)  # condition dropout, flow noise and times
     ckpt = out / "checkpoint" / "state.pt"
     if args.resume and ckpt.exists():
         try:  # weights_only: a tampered state.pt cannot run code, it is refused. mmap: under FSDP every
@@ -414,6 +415,8 @@ def run(args: TrainArgs) -> Path:
         parallel.load_state(loss_mod, model, opt, saved["model"], saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
+        if "task_rng" in saved:  # older checkpoints lack it: their vq/flow curves diverge after a resume
+            gen.set_state(saved["task_rng"])
         state = saved["state"]
     metrics = out / "metrics.jsonl"
     if rank == 0:
@@ -421,7 +424,6 @@ def run(args: TrainArgs) -> Path:
         _truncate_metrics(metrics, state["step"])
         (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
     batcher = Batcher(pipe, args)
-    gen = torch.Generator().manual_seed(args.seed + 17)
     use_bf16 = autocast_bf16(device, args.dtype)
     tasks = ["understanding", "vq"] if args.task == "mixed" else [args.task]
     pools = {"understanding": ("und", und), "vq": ("t2i", t2i), "flow": ("t2i", t2i), "vq_tokenizer": ("t2i", t2i)}
@@ -469,7 +471,8 @@ def run(args: TrainArgs) -> Path:
             full = {"model": parallel.model_state(loss_mod, model, ties),  # under FSDP: all ranks gather
                     "optimizer": parallel.optimizer_state(loss_mod, model, opt)}
             if rank == 0:
-                atomic_torch_save({**full, "scheduler": sched.state_dict(), "rng": rng_state(), "state": state}, ckpt)
+                atomic_torch_save({**full, "scheduler": sched.state_dict(), "rng": rng_state(),
+                                   "task_rng": gen.get_state(), "state": state}, ckpt)
             del full
         if args.stop_after is not None and step >= args.stop_after:
             bar.close()

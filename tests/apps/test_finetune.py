@@ -102,6 +102,17 @@ def test_resume_after_a_stop_matches_the_uninterrupted_curve(data, tmp_path):
     assert np.allclose(_losses(a), _losses(b), rtol=1e-6, atol=1e-5), (_losses(a), _losses(b))
 
 
+def test_flow_resume_with_condition_dropout_matches_the_uninterrupted_curve(data, tmp_path):
+    """The task generator (condition dropout, flow noise and times) is checkpointed too."""
+    flow = golden_dir() / "janusflow_tiny"
+    common = dict(model=str(flow), tokenizer=str(tokenizer_for(flow)), data=[str(data / "t2i.jsonl")], task="flow",
+                  steps=6, batch_size=4, lr=2e-3, warmup=1, device="cpu", save_every=2, prompt_dropout=0.5)
+    a = run(TrainArgs(out=str(tmp_path / "a"), **common))
+    run(TrainArgs(out=str(tmp_path / "b"), stop_after=3, **common))  # checkpoint at 2, step 3 is redone
+    b = run(TrainArgs(out=str(tmp_path / "b"), resume=True, **common))
+    assert np.allclose(_losses(a), _losses(b), rtol=1e-6, atol=1e-6), (_losses(a), _losses(b))
+
+
 def test_generation_tasks_train(data, tmp_path):
     janus = golden_dir() / "janus_pro_tiny"
     for task in ("vq", "vq_tokenizer"):
