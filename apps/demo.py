@@ -37,9 +37,11 @@ OCR_PROMPT = "Read the text in the image."
 CHART_PROMPT = "Convert the chart to a table."
 # Defaults of the official demos (VL2 web_demo.py; Janus app_januspro.py / app_janusflow.py).
 CHAT_DEFAULTS = dict(temperature=0.1, top_p=0.9, max_new_tokens=512, repetition_penalty=1.1)
+CHAT_LIMITS = dict(temperature=(0.0, 1.5), top_p=(0.05, 1.0), max_new_tokens=(1, 1 << 20), repetition_penalty=(1.0, 2.0))
 CFG_DEFAULTS = {"vq": 5.0, "flow": 2.0}
 GENERATE_EXAMPLES = ["A red apple on a wooden table", "The face of a beautiful girl", "A city skyline at night"]
-EXAMPLES_FILE = "demo_examples.json"  # optional, in a model folder: {"generate": ["prompt", ...]}
+# optional, in a model folder: {"generate_examples": ["prompt", ...], "chat_sampling": {"temperature": 0, ...}}
+SETTINGS_FILE = "demo.json"
 SEED_DEFAULT = 12345
 # One model serves every tab: all model events share one queue slot.
 MODEL_QUEUE = dict(concurrency_limit=1, concurrency_id="model")
@@ -276,12 +278,13 @@ def _chat_tab(h: Handlers) -> None:
         clear = gr.Button("Clear")
     boxes = gr.Image(label="Boxes in the last image", visible=False, interactive=False, format="png",
                      elem_id="chat-boxes")
+    d = demo_settings(h.pipe).get("chat_sampling", CHAT_DEFAULTS)
     with gr.Accordion("Sampling", open=False):
         sampling = [
-            gr.Slider(0.0, 1.5, value=CHAT_DEFAULTS["temperature"], step=0.05, label="Temperature (0 = greedy)"),
-            gr.Slider(0.05, 1.0, value=CHAT_DEFAULTS["top_p"], step=0.05, label="Top-p"),
-            _max_new_tokens(h, CHAT_DEFAULTS["max_new_tokens"]),
-            gr.Slider(1.0, 2.0, value=CHAT_DEFAULTS["repetition_penalty"], step=0.05, label="Repetition penalty"),
+            gr.Slider(*CHAT_LIMITS["temperature"], value=d["temperature"], step=0.05, label="Temperature (0 = greedy)"),
+            gr.Slider(*CHAT_LIMITS["top_p"], value=d["top_p"], step=0.05, label="Top-p"),
+            _max_new_tokens(h, d["max_new_tokens"]),
+            gr.Slider(*CHAT_LIMITS["repetition_penalty"], value=d["repetition_penalty"], step=0.05, label="Repetition penalty"),
         ]
     asked = box.submit(h.chat, [box, chatbot, *sampling], [chatbot, box, boxes], api_name="chat", **MODEL_QUEUE)
     again = regen.click(h.regenerate, [chatbot, *sampling], [chatbot, boxes], api_name="regenerate", **MODEL_QUEUE)
@@ -289,21 +292,41 @@ def _chat_tab(h: Handlers) -> None:
     clear.click(h.clear, None, [chatbot, box, boxes], api_name="clear", cancels=[asked, again], queue=False)
 
 
-def generate_examples(pipe: Pipeline) -> list[str]:
-    """Example prompts for the Text to image tab: the model folder's `demo_examples.json` when it has one
-    (a model trained on a narrow domain, like the embedded one, ships prompts it knows), else generic ones.
-    The file is data: a bad one is ignored with a warning."""
-    path = Path(pipe.source) / EXAMPLES_FILE if pipe.source and Path(pipe.source).is_dir() else None
+def _in_limits(key: str, value) -> bool:
+    if key not in CHAT_LIMITS or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    lo, hi = CHAT_LIMITS[key]
+    return lo <= value <= hi
+
+
+def demo_settings(pipe: Pipeline) -> dict:
+    """The model folder's `demo.json`, validated: a model trained on a narrow domain (like the embedded one)
+    ships prompts it knows and the sampling it was evaluated with. The file is data: a bad file or field is
+    ignored with a warning, and the defaults apply."""
+    path = Path(pipe.source) / SETTINGS_FILE if pipe.source and Path(pipe.source).is_dir() else None
     if path is None or not path.is_file():
-        return GENERATE_EXAMPLES
+        return {}
     try:
-        prompts = json.loads(path.read_text(encoding="utf-8"))["generate"]
-        if isinstance(prompts, list) and prompts and all(isinstance(x, str) and 0 < len(x) <= 500 for x in prompts):
-            return prompts[:12]
-        raise ValueError("'generate' must be a non-empty list of strings of 1..500 characters")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(raw, dict):
+            raise ValueError("expected a JSON object")
+    except (OSError, ValueError) as e:
         log.warning("%s: ignored (%s)", path, e)
-        return GENERATE_EXAMPLES
+        return {}
+    out = {}
+    prompts = raw.get("generate_examples")
+    if prompts is not None:
+        if isinstance(prompts, list) and prompts and all(isinstance(x, str) and 0 < len(x) <= 500 for x in prompts):
+            out["generate_examples"] = prompts[:12]
+        else:
+            log.warning("%s: generate_examples ignored (a non-empty list of strings of 1..500 characters)", path)
+    sampling = raw.get("chat_sampling")
+    if sampling is not None:
+        if isinstance(sampling, dict) and all(_in_limits(k, v) for k, v in sampling.items()):
+            out["chat_sampling"] = {**CHAT_DEFAULTS, **sampling}
+        else:
+            log.warning("%s: chat_sampling ignored (keys %s within %s)", path, sorted(CHAT_DEFAULTS), CHAT_LIMITS)
+    return out
 
 
 def cfg_default(pipe: Pipeline, mode: str) -> float:
@@ -328,7 +351,7 @@ def _generate_tab(h: Handlers, modes: list[str]) -> None:
         with gr.Column(scale=2):
             gallery = gr.Gallery(label="Images", columns=2, rows=2, format="png", interactive=False,
                                  buttons=["download", "download_all", "fullscreen"], elem_id="gallery")
-    gr.Examples([[x] for x in generate_examples(h.pipe)], inputs=prompt)
+    gr.Examples([[x] for x in demo_settings(h.pipe).get("generate_examples", GENERATE_EXAMPLES)], inputs=prompt)
     gr.on([button.click, prompt.submit], h.generate, [prompt, n, seed, cfg, temperature, steps, mode], gallery,
           api_name="generate", **MODEL_QUEUE)
 

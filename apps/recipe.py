@@ -102,10 +102,14 @@ def _train_seconds(stage_dir: Path) -> float:
     return round(total, 1)
 
 
-def write_demo_examples(model_dir: Path, t2i_prompts, n: int = 6) -> None:
-    """The Text to image tab's example prompts (`demo_examples.json`): the first distinct held-out prompts."""
+def write_demo_settings(model_dir: Path, t2i_prompts, n: int = 6) -> None:
+    """`demo.json` for the web demo: the first distinct held-out text-to-image prompts as examples, and the
+    greedy decoding the held-out scores were measured with (a tiny model copies prompt words into its answers,
+    so a repetition penalty or sampling hurts it)."""
     picked = list(dict.fromkeys(t2i_prompts))[:n]
-    (model_dir / "demo_examples.json").write_text(json.dumps({"generate": picked}, indent=2))
+    settings = {"generate_examples": picked,
+                "chat_sampling": {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "max_new_tokens": 128}}
+    (model_dir / "demo.json").write_text(json.dumps(settings, indent=2))
 
 
 def build(recipe_path: Path, work: Path, out: Path) -> Path:
@@ -155,7 +159,7 @@ def build(recipe_path: Path, work: Path, out: Path) -> Path:
                     "stage_train_seconds: the sum of each stage's logged step times, whichever run did them"}
     (out / "build.json").write_text(json.dumps(meta, indent=2))
     prompts = [json.loads(x)["prompt"] for x in (heldout / "t2i.jsonl").read_text(encoding="utf-8").splitlines()]
-    write_demo_examples(out, prompts)
+    write_demo_settings(out, prompts)
     return out
 
 

@@ -2,8 +2,8 @@
 
 Serves `mmstack demo` on the embedded model (loopback, a free port), drives it in headless Chromium
 (Debian's `chromium` through Playwright's Python package, as the browser test does) and saves what a
-person sees: a chat about a held-out synthetic scene (caption, then a grounding query with the boxes
-drawn), and the text-to-image tab. The inputs are drawn by `mmstack.apps.synth` with a seed the demo model
+person sees: a caption and a grounding query (with the boxes drawn) about a held-out synthetic scene, each
+in a fresh chat, and the text-to-image tab. The inputs are drawn by `mmstack.apps.synth` with a seed the demo model
 never trained on, so the screenshots show the model as it is, good or bad.
 """
 from __future__ import annotations
@@ -72,9 +72,15 @@ def main() -> int:
                                          args=["--no-sandbox", "--disable-gpu"])
             page = browser.new_page(viewport={"width": 1280, "height": 1100})
             page.goto(f"http://127.0.0.1:{port}/")
+            # one question per chat, as the model was trained (single-turn)
             _ask(page, synth.CAPTION_QUESTION, scene, 0)
-            _ask(page, f"<|ref|>the {target['colour']} {target['shape']}<|/ref|>.", None, 1)
             page.screenshot(path=str(out / "demo-chat.png"), animations="disabled")
+            page.get_by_role("button", name="Clear", exact=True).last.click()
+            page.wait_for_function("() => !document.querySelector('#chatbot [data-testid=bot]')", timeout=30_000)
+            again = tmp / "scene-2.png"  # the browser ignores re-selecting the same file
+            shutil.copy(scene, again)
+            _ask(page, f"<|ref|>the {target['colour']} {target['shape']}<|/ref|>.", again, 0)
+            page.screenshot(path=str(out / "demo-ground.png"), animations="disabled")
 
             page.get_by_role("tab", name="Text to image").click()
             page.locator("#gen-prompt textarea").fill("a red circle")
@@ -86,7 +92,7 @@ def main() -> int:
     finally:
         demo.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"wrote {out / 'demo-chat.png'} and {out / 'demo-generate.png'}")
+    print(f"wrote demo-chat.png, demo-ground.png and demo-generate.png in {out}")
     return 0
 
 

@@ -205,17 +205,25 @@ def test_understanding_only_model_gets_no_text_to_image_tab():
     assert {"chat", "regenerate", "clear", "ocr", "chart"} <= names and "generate" not in names
 
 
-def test_text_to_image_examples_and_cfg_come_from_the_model_folder(tmp_path, caplog):
-    from mmstack.apps.demo import GENERATE_EXAMPLES, cfg_default, generate_examples
+def test_examples_sampling_and_cfg_come_from_the_model_folder(tmp_path, caplog):
+    from mmstack.apps.demo import CHAT_DEFAULTS, cfg_default, demo_settings
 
     pipe = mmstack.load(JANUS, device="cpu", tokenizer=tokenizer_for(JANUS))
-    assert generate_examples(pipe) == GENERATE_EXAMPLES  # the golden folder ships none
+    assert demo_settings(pipe) == {}  # the golden folder ships none: the generic defaults apply
     assert cfg_default(pipe, "vq") == pipe.model.cfg.parts["vq_head"].cfg_weight
     pipe.source = str(tmp_path)
-    (tmp_path / "demo_examples.json").write_text('{"generate": ["a red circle", "a blue square"]}')
-    assert generate_examples(pipe) == ["a red circle", "a blue square"]
-    (tmp_path / "demo_examples.json").write_text('{"generate": [3]}')  # data, not trusted: ignored with a warning
-    assert generate_examples(pipe) == GENERATE_EXAMPLES and "demo_examples.json: ignored" in caplog.text
+    settings = tmp_path / "demo.json"
+    settings.write_text('{"generate_examples": ["a red circle"], "chat_sampling": {"temperature": 0, "repetition_penalty": 1.0}}')
+    assert demo_settings(pipe) == {"generate_examples": ["a red circle"],
+                                   "chat_sampling": {**CHAT_DEFAULTS, "temperature": 0, "repetition_penalty": 1.0}}
+    # data, not trusted: each bad field is ignored with a warning, the good ones kept
+    settings.write_text('{"generate_examples": [3], "chat_sampling": {"temperature": 9, "top_p": 0.5}}')
+    assert demo_settings(pipe) == {}
+    assert "generate_examples ignored" in caplog.text and "chat_sampling ignored" in caplog.text
+    settings.write_text('{"chat_sampling": {"os": "rm -rf /"}, "generate_examples": ["ok"]}')
+    assert demo_settings(pipe) == {"generate_examples": ["ok"]}
+    settings.write_text("[1, 2")
+    assert demo_settings(pipe) == {} and "demo.json: ignored" in caplog.text
 
 
 def test_demo_command_binds_loopback_by_default():
