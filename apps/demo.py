@@ -26,6 +26,7 @@ from typing import Optional
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from mmstack.api import CapabilityError, Pipeline  # noqa: E402
 from mmstack.vision.grounding import draw_boxes, parse_boxes, strip_grounding  # noqa: E402
@@ -43,6 +44,7 @@ GENERATE_EXAMPLES = ["A red apple on a wooden table", "The face of a beautiful g
 # optional, in a model folder: {"generate_examples": ["prompt", ...], "chat_sampling": {"temperature": 0, ...}}
 SETTINGS_FILE = "demo.json"
 SEED_DEFAULT = 12345
+BOXES_MIN_SIDE = 320  # the boxes view enlarges smaller images by a whole factor
 # One model serves every tab: all model events share one queue slot.
 MODEL_QUEUE = dict(concurrency_limit=1, concurrency_id="model")
 
@@ -201,6 +203,10 @@ class Handlers:
         path = _last_image(messages)
         if "<|det|>" in answer and path is not None:
             image = load_image(path, self.policy)
+            # small images are enlarged (whole pixels, nearest) so the boxes and their labels can be read
+            k = max(1, BOXES_MIN_SIDE // max(image.size))
+            if k > 1:
+                image = image.resize((image.width * k, image.height * k), Image.NEAREST)
             boxes = parse_boxes(answer, image.width, image.height)
             if boxes:
                 return gr.Image(value=draw_boxes(image, boxes), visible=True)

@@ -60,7 +60,7 @@ def main() -> int:
             break
     tmp = Path(tempfile.mkdtemp(prefix="mmstack-shots-"))
     scene = tmp / "scene.png"
-    img.resize((256, 256), resample=0).save(scene)  # nearest: the same pixels, big enough to see
+    img.save(scene)  # at the training size: a larger copy would be tiled differently (2x2 local tiles)
     target = meta["objects"][0]
 
     port = _free_port()

@@ -178,6 +178,19 @@ def test_grounded_answer_shows_the_boxes_on_the_last_image():
     assert boxes.visible and boxes.value is not None  # the drawn image, shown under the chat
 
 
+def test_small_images_are_enlarged_for_the_boxes_view(tmp_path):
+    from mmstack.apps.demo import BOXES_MIN_SIDE
+
+    small = tmp_path / "small.png"
+    Image.new("RGB", (64, 48), "white").save(small)
+    pipe = _ScriptedPipe("<|ref|>it<|/ref|><|det|>[[0, 0, 499, 499]]<|/det|>")
+    *_, (_, _, boxes) = Handlers(pipe).chat({"text": "Where?", "files": [str(small)]}, [], *SAMPLING)
+    drawn = boxes.value if isinstance(boxes.value, Image.Image) else Image.open(boxes.value["path"])
+    k = BOXES_MIN_SIDE // 64
+    assert drawn.size == (64 * k, 48 * k)
+    assert drawn.getpixel((16 * k, 0)) != (255, 255, 255)  # the box outline, drawn at the enlarged size
+
+
 def test_chart_table_and_csv_from_a_markdown_answer():
     pipe = _ScriptedPipe("Here it is:\n| Year | Sales |\n|---|---|\n| 2019 | 12 |\n| 2020 | 15 |\n")
     _, table, csv_path, answer = Handlers(pipe).chart(str(IMAGE), 1, 64)
