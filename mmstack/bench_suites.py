@@ -14,17 +14,16 @@ implementations); random routers spread tokens almost uniformly, unlike trained 
 """
 from __future__ import annotations
 
-import copy
-import math
 import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import torch
 
 from .bench import Case, Contender, _sync
+from .testing import randomise_weights
 
 PAD, BOS, EOS, IMG, BOI = 0, 1, 2, 3, 4
 
@@ -32,21 +31,11 @@ PAD, BOS, EOS, IMG, BOI = 0, 1, 2, 3, 4
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _randomise(model: torch.nn.Module, std: float, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(1.0 + 0.2 * (torch.rand(p.shape, generator=g) - 0.5))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-
-
 def _from_transformers(hf, device, dtype, std: float):
     """Random transformers model -> save_pretrained -> mmstack's production loader. Returns (hf, ours)."""
     from .loading import load_model
 
-    _randomise(hf, std)
+    randomise_weights(hf, std)
     d = Path(tempfile.mkdtemp(prefix="mmstack-bench-"))
     try:
         hf.save_pretrained(d)

@@ -27,6 +27,7 @@ from mmstack.export import export_pretrained as export_with_shards
 from mmstack.export import plan_export
 from mmstack.formats import read_config
 from mmstack.loading import build_model, export_pretrained, load_model, save_pretrained
+from mmstack.testing import randomise_weights
 from mmstack.variants import variant_config, variant_names
 from mmstack.writers import ExportError
 
@@ -133,20 +134,6 @@ def test_variant_config_round_trips_through_its_official_format(name, debug):
 # ------------------------------------------------------------------------------------------ transformers
 
 
-def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    """Larger-than-init weights (norms near 1) and non-zero correction biases, as tests/parity does."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(1.0 + 0.2 * (torch.rand(p.shape, generator=g) - 0.5))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
-
-
 _MOE = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
             num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2,
             first_k_dense_replace=1, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
@@ -169,7 +156,7 @@ HF_CASES = {
 @pytest.mark.parametrize("fmt", sorted(HF_CASES))
 def test_transformers_causal_lm_exports_with_identical_logits(fmt, tmp_path):
     hf = HF_CASES[fmt]().eval()
-    _randomise(hf)
+    randomise_weights(hf)
     hf.save_pretrained(tmp_path / "src")
     native = load_model(tmp_path / "src", device="cpu", dtype=torch.float32)
     out = export_pretrained(native, tmp_path / "out", fmt)
@@ -213,7 +200,7 @@ def test_transformers_janus_exports_with_identical_logits(tmp_path):
     cfg = transformers.JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=IMG,
                                    tie_word_embeddings=False)
     hf = transformers.JanusForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
-    _randomise(hf, seed=1)
+    randomise_weights(hf, seed=1)
     src = tmp_path / "src"
     hf.save_pretrained(src)
     _janus_tokenizer(src, 160)

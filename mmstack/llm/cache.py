@@ -78,26 +78,21 @@ class KVCache:
 
     # -- per layer writes; return the full cached tensors up to the new length (static: the whole buffer)
     def update_mha(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ck, cv = self.layers[layer]
-        if self.static:
-            ck.index_copy_(2, self.pos, k)
-            cv.index_copy_(2, self.pos, v)
-            return ck, cv
-        t = k.shape[2]
-        ck.narrow(2, self.length, t).copy_(k)
-        cv.narrow(2, self.length, t).copy_(v)
-        return ck.narrow(2, 0, self.length + t), cv.narrow(2, 0, self.length + t)
+        return self._write(layer, k, v, 2)  # [B, G, T, D] each
 
     def update_mla(self, layer: int, latent: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cl, cp = self.layers[layer]
+        return self._write(layer, latent, k_pe, 1)  # [B, T, C], [B, T, R]
+
+    def _write(self, layer: int, a: torch.Tensor, b: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        ca, cb = self.layers[layer]
         if self.static:
-            cl.index_copy_(1, self.pos, latent)
-            cp.index_copy_(1, self.pos, k_pe)
-            return cl, cp
-        t = latent.shape[1]
-        cl.narrow(1, self.length, t).copy_(latent)
-        cp.narrow(1, self.length, t).copy_(k_pe)
-        return cl.narrow(1, 0, self.length + t), cp.narrow(1, 0, self.length + t)
+            ca.index_copy_(dim, self.pos, a)
+            cb.index_copy_(dim, self.pos, b)
+            return ca, cb
+        t = a.shape[dim]
+        ca.narrow(dim, self.length, t).copy_(a)
+        cb.narrow(dim, self.length, t).copy_(b)
+        return ca.narrow(dim, 0, self.length + t), cb.narrow(dim, 0, self.length + t)
 
     # -- static mode: fixed shapes, device-side write index (for CUDA graphs / torch.compile)
     def enter_static(self) -> None:

@@ -23,6 +23,7 @@ from mmstack.decoding import SamplingParams, generate_ids  # noqa: E402
 from mmstack.formats import read_config  # noqa: E402
 from mmstack.generation.sampler import generate_codes  # noqa: E402
 from mmstack.io.keymaps import export_names  # noqa: E402
+from mmstack.testing import randomise_weights  # noqa: E402
 from mmstack.loading import build_model, key_table  # noqa: E402
 from mmstack.vision.embed import embed_janus  # noqa: E402
 
@@ -41,17 +42,6 @@ VISION = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_
               projection_dim=HIDDEN, num_image_tokens=N_IMG)
 VQ = dict(embed_dim=8, num_embeddings=64, base_channels=32, channel_multiplier=[1, 1, 2], latent_channels=32,
           projection_dim=HIDDEN, image_token_embed_dim=HIDDEN)
-
-
-def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    """Re-draw every weight with a larger spread than the default init, so argmaxes are well separated."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(1.0 + 0.2 * (torch.rand(p.shape, generator=g) - 0.5))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
 
 
 def _write_tokenizer(d) -> None:
@@ -74,7 +64,7 @@ def pair(tmp_path_factory):
                                    tie_word_embeddings=False)
     torch.manual_seed(0)
     hf = transformers.JanusForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
-    _randomise(hf, seed=1)  # a seed whose greedy code grid is not one repeated code
+    randomise_weights(hf, seed=1)  # a seed whose greedy code grid is not one repeated code
     d = tmp_path_factory.mktemp("hf_janus")
     hf.save_pretrained(d)
     _write_tokenizer(d)

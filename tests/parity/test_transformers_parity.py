@@ -13,24 +13,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import mmstack  # noqa: E402
+from mmstack.testing import randomise_weights  # noqa: E402
 
 ATOL = 1e-4
 PROMPT = torch.tensor([[3, 17, 42, 99, 5, 64, 7, 8, 120, 33, 2, 11]])
-
-
-def _randomise(model: torch.nn.Module, seed: int = 0) -> None:
-    """Re-draw every weight with a larger spread than the default init, so argmax and routing are well
-    separated (no near-ties at float32 noise level); correction biases become non-zero."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(1.0 + 0.2 * (torch.rand(p.shape, generator=g) - 0.5))
-            else:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(torch.randn(b.shape, generator=g) * 0.05)
 
 
 def _v2(q_lora, routing):
@@ -79,7 +65,7 @@ def pair(request, tmp_path_factory):
     cls, cfg = CASES[request.param]()
     torch.manual_seed(0)
     hf = cls._from_config(cfg, attn_implementation="eager").eval()
-    _randomise(hf)
+    randomise_weights(hf)
     d = tmp_path_factory.mktemp(request.param)
     hf.save_pretrained(d)
     pipe = mmstack.load(d, device="cpu", dtype=torch.float32)
@@ -124,7 +110,7 @@ def test_transformers_fused_expert_layout_loads(tmp_path):
     cls, cfg = _v3(True)
     torch.manual_seed(0)
     hf = cls._from_config(cfg, attn_implementation="eager").eval()
-    _randomise(hf, seed=3)
+    randomise_weights(hf, seed=3)
     hf.config.save_pretrained(tmp_path)
     sd = {k: v.contiguous() for k, v in hf.state_dict().items()}
     assert any(k.endswith("experts.gate_up_proj") for k in sd)
@@ -150,7 +136,7 @@ def test_transformers_janus_language_model_and_tied_head(tmp_path):
         cfg = transformers.JanusConfig(text_config=text, vision_config=vision, vq_config=vq, tie_word_embeddings=tie)
         torch.manual_seed(0)
         hf = transformers.JanusForConditionalGeneration._from_config(cfg, attn_implementation="eager").eval()
-        _randomise(hf, seed=5)
+        randomise_weights(hf, seed=5)
         d = tmp_path / f"tie{tie}"
         hf.save_pretrained(d)
         lm = load_model(d, device="cpu", dtype=torch.float32, language_only=True).language
