@@ -265,7 +265,7 @@ class Handlers:
 
 
 def _understands(pipe: Pipeline) -> bool:
-    return type(pipe).chat is not Pipeline.chat
+    return "understanding" in pipe.capabilities
 
 
 def _max_new_tokens(h: Handlers, default: int) -> gr.Slider:

@@ -181,39 +181,9 @@ class Batcher:
         self._codes: dict = {}
 
     # understanding ---------------------------------------------------------------------------
-    def understanding(self, examples) -> dict:
-        from mmstack.vision import image_io
-
-        pipe = self.pipe
-        images = [image_io.load_images(ex.images, pipe.policy) for ex in examples]
-        tag = pipe.chat_cfg.image_tag
-        convs = [[{"role": m["role"], "content": m["content"].replace("<image>", tag)} for m in ex.messages]
-                 for ex in examples]
-        if pipe.ip.kind == "vl2_tiling":
-            batch = pipe.processor(convs, images, inference_mode=False)
-        else:
-            batch = self._janus(convs, images)
-        return {k: (v.to(pipe.device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-
-    def _janus(self, convs, images) -> dict:
-        """Janus-style string template: assistant spans from tokenising prefixes (checked to be stable)."""
-        proc = self.pipe.processor
-        batch = proc(convs, images)
-        mask = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-        for b, conv in enumerate(convs):
-            full = proc.tokens(conv)
-            t = batch["input_ids"].shape[1]
-            off = t - len(full)
-            for k, m in enumerate(conv):
-                if m["role"] != "assistant":
-                    continue
-                before = proc.tokens(conv[:k])  # ends with "{assistant}:" (a generation prompt)
-                upto = proc.tokens(conv[: k + 1])
-                if upto[: len(before)] != before:
-                    raise ValueError("the chat template does not tokenise prefix-stably; cannot mask assistant turns")
-                mask[b, off + len(before) : off + len(upto)] = True
-        batch["assistant_mask"] = mask
-        return batch
+    def understanding(self, examples):
+        batch, _ = self.pipe.understanding.prepare_tagged([ex.messages for ex in examples], [ex.images for ex in examples])
+        return batch.to(self.pipe.device)
 
     # generation ------------------------------------------------------------------------------
     def flow(self, examples, gen: torch.Generator):
@@ -223,17 +193,17 @@ class Batcher:
 
     @torch.no_grad()
     def latents(self, examples) -> torch.Tensor:
-        vae = self.pipe.vae()
+        vae = self.pipe.generation.vae()
         size = self.model.cfg.parts["flow_head"].image_size
         x = torch.stack([self._pixels(ex.images[0], size) for ex in examples]).to(self.pipe.device)
         p = next(vae.parameters())
         return vae.encode(x.to(p.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
 
     def _prompts(self, prompts: list[str], mode: str, drop: torch.Tensor):
-        from mmstack.generation.pipeline import generation_prompt_ids
+        from mmstack.generation.generator import generation_prompt_ids
 
         pipe = self.pipe
-        chat = pipe._gen_chat()
+        chat = pipe.generation.chat
         pad = pipe.tokenizer.token_id(chat.pad_tag)
         seqs = []
         masks = []
@@ -260,7 +230,7 @@ class Batcher:
 
         from mmstack.vision import image_io
 
-        img = image_io.load_image(path, self.pipe.policy).resize((size, size), Image.BICUBIC)
+        img = image_io.load_image(path, image_io.NATIVE if self.pipe.understanding is None else self.pipe.policy).resize((size, size), Image.BICUBIC)
         x = torch.from_numpy(__import__("numpy").asarray(img, dtype="float32")).permute(2, 0, 1) / 127.5 - 1
         return x
 

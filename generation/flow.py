@@ -12,6 +12,8 @@ from typing import Callable, Optional
 
 import torch
 
+from mmstack.kernels.sampling import cfg_combine
+
 
 class RectifiedFlowScheduler:
     """Euler steps on dz/dt = v from t = 0 (noise) to t = 1 (data); timesteps on a 0..1000 scale."""
@@ -96,7 +98,7 @@ def generate_latents(model, prompt: list[int], n: int, pad_id: int, steps: int =
             h = lm(inputs_embeds=torch.cat([emb, new], 1), attention_mask=mask,
                    positions=torch.arange(total, device=dev).expand(2 * n, total))
         v = velocity(model, h[:, -g * g:], hs, t_emb, g).float()
-        v = cfg_weight * v[:n] - (cfg_weight - 1) * v[n:]
+        v = cfg_combine(v[:n], v[n:], cfg_weight)
         velocities.append(v)
         z = sched.step(v, z)
         if progress is not None:

@@ -13,71 +13,18 @@ H W latent size, h w = H/stride W/stride token grid.
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
-from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mmstack.llm.norm import RMSNorm
+from mmstack.part_configs import UViTDecoderConfig, UViTEncoderConfig
 
 log = logging.getLogger(__name__)
-
-
-def _from_official(cls, params: dict):
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - names)
-    if unknown:  # the official constructors swallow **kwargs, so these have no effect there either
-        log.warning("%s: ignoring unknown params %s", cls.__name__, unknown)
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k in names}
-    return cls(**kw)
-
-
-@dataclass
-class UViTEncoderConfig:
-    """`vision_gen_enc_config.params`; defaults are the official `ShallowUViTEncoder.__init__` defaults."""
-
-    input_channels: int = 3
-    stride: int = 4
-    kernel_size: int = 7
-    padding: Optional[int] = None  # None -> ceil(kernel_size - stride), as official
-    block_out_channels: Tuple[int, ...] = (768,)
-    layers_in_middle: int = 2
-    hidden_size: int = 2048
-    elementwise_affine: bool = True
-    use_bias: bool = True
-    norm_eps: float = 1e-6
-    dropout: float = 0.0
-    use_mid_block: bool = True
-
-    @classmethod
-    def from_official(cls, params: dict) -> "UViTEncoderConfig":
-        return _from_official(cls, params)
-
-
-@dataclass
-class UViTDecoderConfig:
-    """`vision_gen_dec_config.params`; defaults are the official `ShallowUViTDecoder.__init__` defaults."""
-
-    in_channels: int = 768
-    out_channels: int = 3
-    block_out_channels: Tuple[int, ...] = (768,)
-    upsamples: int = 2
-    layers_in_middle: int = 2
-    hidden_size: int = 2048
-    elementwise_affine: bool = True
-    norm_eps: float = 1e-6
-    use_bias: bool = True
-    dropout: float = 0.0
-    use_mid_block: bool = True
-
-    @classmethod
-    def from_official(cls, params: dict) -> "UViTDecoderConfig":
-        return _from_official(cls, params)
 
 
 # JanusFlow-1.3B (reconstructed, ../shared/golden/manifests/JanusFlow-1.3B.json `sources`): SDXL-VAE latent

@@ -13,65 +13,13 @@ Notation: B batch, C channels, H W image size, h w code grid, D codebook_embed_d
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmstack.config import ConfigError
-
-
-@dataclass
-class VQConfig:
-    codebook_size: int = 16384
-    codebook_embed_dim: int = 8
-    z_channels: int = 256
-    ch: int = 128
-    ch_mult: Tuple[int, ...] = (1, 1, 2, 2, 4)  # encoder levels, highest resolution first
-    decoder_ch_mult: Tuple[int, ...] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    dropout: float = 0.0
-    codebook_l2_norm: bool = True
-    codebook_show_usage: bool = True  # adds the persistent (never updated) `quantize.codebook_used` buffer
-    usage_buffer_size: int = 65536  # hard-coded in the official VectorQuantizer, whatever codebook_size is
-    norm_groups: int = 32
-
-    @property
-    def downsample(self) -> int:
-        return 2 ** (len(self.ch_mult) - 1)
-
-    @classmethod
-    def from_official(cls, params: dict) -> "VQConfig":
-        """Read the official `ModelArgs` field names (as in a golden `_golden_overrides.vq_model` entry)."""
-        if params.get("norm_type", "group") != "group":
-            raise ConfigError(f"VQ norm_type {params['norm_type']!r} is not supported (only 'group')")
-        return cls(
-            codebook_size=params.get("codebook_size", 16384),
-            codebook_embed_dim=params.get("codebook_embed_dim", 8),
-            z_channels=params.get("z_channels", 256),
-            ch=params.get("ch", 128),
-            ch_mult=tuple(params.get("encoder_ch_mult", (1, 1, 2, 2, 4))),
-            decoder_ch_mult=tuple(params.get("decoder_ch_mult", (1, 1, 2, 2, 4))),
-            num_res_blocks=params.get("num_res_blocks", 2),
-            dropout=params.get("dropout_p", 0.0),
-            codebook_l2_norm=params.get("codebook_l2_norm", True),
-            codebook_show_usage=params.get("codebook_show_usage", True),
-        )
-
-    def to_official(self) -> dict:
-        """The inverse of `from_official`: the official `ModelArgs` field names."""
-        return dict(
-            codebook_size=self.codebook_size, codebook_embed_dim=self.codebook_embed_dim,
-            codebook_l2_norm=self.codebook_l2_norm, codebook_show_usage=self.codebook_show_usage,
-            encoder_ch_mult=list(self.ch_mult), decoder_ch_mult=list(self.decoder_ch_mult), z_channels=self.z_channels,
-            ch=self.ch, num_res_blocks=self.num_res_blocks, norm_type="group", dropout_p=self.dropout,
-        )
-
-
-# https://github.com/deepseek-ai/Janus/blob/1daa72f/janus/models/vq_model.py `VQ_16`
-VQ16 = VQConfig()
+from mmstack.part_configs import VQ16, VQConfig
 
 
 def _norm(c: int, groups: int, device=None, dtype=None) -> nn.GroupNorm:

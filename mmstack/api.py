@@ -1,30 +1,30 @@
-"""The public API: `load(dir)` returns a `Pipeline` offering what the checkpoint can do.
+"""The public API: `load(name_or_dir)` returns a `Pipeline` composed of what the checkpoint can do, and
+`describe` / `generate` on the embedded demo model.
 
-Every model offers `logits` and `complete`; the understanding and generation layers add `describe`,
-`chat`, `ground` and `generate` to pipelines whose model has those parts.
+    pipe = mmstack.load("path/to/model")        # or a hub id, "org/name[@revision]"
+    pipe.capabilities                            # frozenset({"text", "understanding", "grounding", "vq"})
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 
-from .config import ModelConfig
-from .decoding import GenerationError, SamplingParams, TextStream, generate_ids
+from mmstack.generation.generator import ImageGenerator
+from mmstack.vision.understanding import Understanding
+
+from .errors import CapabilityError  # noqa: F401  (its old home; re-exported)
 from .formats import read_config
+from .hub import resolve_model
 from .loading import default_device, default_dtype, load_model, resolve_dtype
-from .model import MultimodalModel
-from .tokenizer import Tokenizer, TokenizerError
+from .pipeline import Pipeline
+from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
 
-Prompt = Union[str, Sequence[int], torch.Tensor]
-
-
-class CapabilityError(RuntimeError):
-    """The loaded model has no path for the requested task (e.g. `describe` on a text-only model)."""
+__all__ = ["load", "describe", "generate", "Pipeline", "CapabilityError", "default_model_dir", "find_tokenizer"]
 
 
 def find_tokenizer(model_dir: Path) -> Optional[Path]:
@@ -35,208 +35,33 @@ def find_tokenizer(model_dir: Path) -> Optional[Path]:
     return None
 
 
-class Pipeline:
-    """A loaded model plus its tokenizer. Create with `mmstack.load`.
-
-    Request limits (attributes; None means the model context, `max_position_embeddings`): `max_prompt_tokens`
-    bounds a prompt (image tokens included) and `max_new_tokens_limit` the `max_new_tokens` a call may ask
-    for. Both are checked before anything is embedded or a cache allocated, and a prompt plus its
-    `max_new_tokens` must also fit the context: an over-long request raises `GenerationError` naming the
-    limit, never a truncated or silently wrong answer.
-    """
-
-    def __init__(self, model: MultimodalModel, tokenizer: Optional[Tokenizer] = None, source: Optional[str] = None):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.source = source
-        self.defaults = SamplingParams()
-        self.max_prompt_tokens: Optional[int] = None
-        self.max_new_tokens_limit: Optional[int] = None
-
-    @property
-    def context(self) -> int:
-        """Positions the model can attend over (prompt + new tokens)."""
-        return self.cfg.language.max_position_embeddings
-
-    def prompt_token_limit(self) -> int:
-        """The longest accepted prompt: `max_prompt_tokens`, never more than the context."""
-        return min(self.max_prompt_tokens or self.context, self.context)
-
-    def check_prompt_length(self, n_tokens: int, max_new_tokens: int = 0) -> None:
-        """Raise `GenerationError` naming the limit when a prompt of `n_tokens` (image tokens included) is
-        longer than `max_prompt_tokens`, or when it and `max_new_tokens` do not fit the context."""
-        limit = self.prompt_token_limit()
-        if n_tokens > limit and limit < self.context:
-            raise GenerationError(f"the prompt has {n_tokens} tokens; the limit is max_prompt_tokens={limit}")
-        if n_tokens + max_new_tokens > self.context:
-            raise GenerationError(
-                f"prompt ({n_tokens} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model context "
-                f"({self.context} tokens): shorten the prompt or ask for fewer new tokens"
-            )
-
-    @property
-    def cfg(self) -> ModelConfig:
-        return self.model.cfg
-
-    @property
-    def device(self) -> torch.device:
-        return self.model.device
-
-    # ------------------------------------------------------------------------------ text
-    def _ids(self, prompt: Prompt) -> list[int]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise TokenizerError(
-                    f"{self.source or 'this model'} has no tokenizer: pass token ids, or load with tokenizer=DIR"
-                )
-            return self.tokenizer.encode(prompt)
-        ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
-        if not ids:
-            raise GenerationError("empty prompt: at least one token is needed")
-        vocab = self.cfg.language.vocab_size
-        bad = [i for i in ids if not isinstance(i, int) or not 0 <= i < vocab]
-        if bad:
-            raise GenerationError(f"token ids out of range 0..{vocab - 1}: {bad[:5]}")
-        return ids
-
-    @torch.no_grad()
-    def logits(self, input_ids: Union[torch.Tensor, Sequence], attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """One full forward. input_ids [B, T] (or [T]) -> float32 logits [B, T, V]."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long)
-        if ids.dim() == 1:
-            ids = ids[None]
-        if ids.numel() == 0:
-            raise GenerationError("empty input_ids")
-        lm = self.model.language
-        h = lm(input_ids=ids.to(self.device), attention_mask=None if attention_mask is None else attention_mask.to(self.device))
-        return lm.logits(h)
-
-    def _params(self, sampling: dict) -> SamplingParams:
-        params = self.defaults.updated(**sampling)
-        n, limit = params.max_new_tokens, min(self.max_new_tokens_limit or self.context, self.context)
-        if isinstance(n, int) and n > limit:
-            if limit < self.context:
-                raise GenerationError(f"max_new_tokens={n} exceeds the limit max_new_tokens_limit={limit}")
-            raise GenerationError(f"max_new_tokens={n} exceeds the model context ({self.context} tokens)")
-        params.validate()
-        stops = list(params.stop_token_ids)
-        if self.tokenizer is not None and self.tokenizer.eos_id is not None and self.tokenizer.eos_id not in stops:
-            stops.append(self.tokenizer.eos_id)
-        return params.updated(stop_token_ids=tuple(stops))
-
-    def _pad_id(self) -> int:
-        tk = self.tokenizer
-        if tk is not None:
-            for i in (tk.pad_id, tk.eos_id):
-                if i is not None:
-                    return i
-        return 0
-
-    def stream_ids(self, prompt: Union[Prompt, Sequence[Prompt]], **sampling) -> Iterator[torch.Tensor]:
-        """Yield next-token ids [B] per step for one prompt or a batch (left padded)."""
-        batch = prompt if isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], int) else [prompt]
-        seqs = [self._ids(p) for p in batch]
-        params = self._params(sampling)
-        self.check_prompt_length(max(len(s) for s in seqs), params.max_new_tokens)
-        pad = self._pad_id()
-        t = max(len(s) for s in seqs)
-        ids = torch.full((len(seqs), t), pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), t), dtype=torch.long)
-        for i, s in enumerate(seqs):
-            ids[i, t - len(s):] = torch.tensor(s)
-            mask[i, t - len(s):] = 1
-        yield from generate_ids(self.model.language, params, input_ids=ids.to(self.device),
-                                attention_mask=None if bool(mask.all()) else mask.to(self.device), pad_id=pad)
-
-    def complete_ids(self, prompt: Union[Prompt, Sequence[Prompt]], **sampling) -> list[list[int]]:
-        """New token ids per prompt (stop tokens excluded)."""
-        params = self._params(sampling)
-        stops = set(params.stop_token_ids)
-        out: Optional[list[list[int]]] = None
-        done: list[bool] = []
-        for tok in self.stream_ids(prompt, **sampling):
-            if out is None:
-                out, done = [[] for _ in range(tok.shape[0])], [False] * tok.shape[0]
-            for i, t in enumerate(tok.tolist()):
-                if done[i]:
-                    continue
-                if t in stops:
-                    done[i] = True
-                else:
-                    out[i].append(t)
-        return out or []
-
-    def stream(self, prompt: Prompt, **sampling) -> Iterator[str]:
-        """Yield text deltas for one prompt; stop strings and stop ids end the stream."""
-        if self.tokenizer is None:
-            raise TokenizerError(f"{self.source or 'this model'} has no tokenizer; use stream_ids")
-        params = self._params(sampling)
-        ts = TextStream(self.tokenizer, 1, params.stop_strings, params.stop_token_ids)
-        for tok in self.stream_ids(prompt, **sampling):
-            delta = ts.push(tok)[0]
-            if delta:
-                yield delta
-            if ts.finished[0]:
-                return
-
-    def complete(self, prompt: Union[Prompt, Sequence[Prompt]], max_new_tokens: Optional[int] = None, **sampling):
-        """Continue a prompt (text or token ids) or a list of prompts.
-
-        Returns the new text (a list for a list of prompts). Without a tokenizer, returns token ids.
-        Sampling options: temperature, top_k, top_p, repetition_penalty, stop_token_ids, stop_strings, seed.
-        """
-        if max_new_tokens is not None:
-            sampling["max_new_tokens"] = max_new_tokens
-        single = not (isinstance(prompt, (list, tuple)) and prompt and not isinstance(prompt[0], int))
-        if self.tokenizer is None:
-            ids = self.complete_ids(prompt, **sampling)
-            return ids[0] if single else ids
-        params = self._params(sampling)
-        batch = [prompt] if single else list(prompt)
-        ts = TextStream(self.tokenizer, len(batch), params.stop_strings, params.stop_token_ids)
-        for tok in self.stream_ids(batch, **sampling):
-            ts.push(tok)
-            if all(ts.finished):
-                break
-        return ts.text[0] if single else ts.text
-
-    # ------------------------------------------------------------------------------ multimodal (later layers)
-    def _missing(self, what: str, part: str) -> CapabilityError:
-        return CapabilityError(f"{self.source or 'this model'} cannot {what}: it has no {part} path")
-
-    def describe(self, *args, **kwargs):
-        raise self._missing("describe images", "image-understanding")
-
-    def chat(self, *args, **kwargs):
-        raise self._missing("chat about images", "image-understanding")
-
-    def ground(self, *args, **kwargs):
-        raise self._missing("ground phrases", "image-understanding")
-
-    def generate(self, *args, **kwargs):
-        raise self._missing("generate images", "image-generation")
-
-
-# Pipeline subclasses chosen by capability (registered by mmstack.vision / mmstack.generation).
-PIPELINE_FACTORIES: list = []
+LOAD_OPTIONS = ("chat_format", "image_policy", "prefill_chunk", "vae")
 
 
 def load(name_or_dir: Union[str, Path], device=None, dtype=None, tokenizer: Optional[Union[str, Path, Tokenizer]] = None,
-         **options) -> Pipeline:
+         chat_format: Optional[str] = None, image_policy: Optional[str] = None, prefill_chunk: Optional[int] = 512,
+         vae: Optional[Union[str, Path]] = None) -> Pipeline:
     """Load a model folder of any supported format and return a `Pipeline`.
 
     Args:
         name_or_dir: a folder with config.json + weights (official DeepSeek-VL2 / Janus / JanusFlow,
-            transformers deepseek_v2 / deepseek_v3 / llama / janus, or native mmstack).
+            transformers deepseek_v2 / deepseek_v3 / llama / janus, or native mmstack), or a hub id
+            `org/name[@revision]` resolved through the Hugging Face cache (`mmstack.hub`).
         device: "cpu", "cuda", ... (default: CUDA if available).
         dtype: torch dtype or name (default: bf16 on CUDA, fp32 on CPU).
         tokenizer: a folder / tokenizer.json / Tokenizer; default `dir/tokenizer.json` then `dir/tokenizer/`.
+        chat_format: a named chat format ("janus-1.3b" for the original Janus role strings).
+        image_policy: "official" (the official loaders: convert("RGB"), no EXIF) or "native".
+        prefill_chunk: prompt tokens per prefill forward (long prompts are chunked).
+        vae: the SDXL-type VAE folder (or hub id) JanusFlow decodes with, when it is not inside the model folder.
     Returns:
-        a Pipeline with `logits` and `complete`, plus the multimodal methods the checkpoint supports.
+        a Pipeline with `logits` and `complete`, plus the multimodal methods the checkpoint supports
+        (`pipe.capabilities`).
+    Raises:
+        FileNotFoundError (`mmstack.hub.ModelNotFoundError`): no such folder or hub id; ConfigError /
+            CheckpointError / TokenizerError for a bad folder.
     """
-    d = Path(name_or_dir)
-    if not d.exists():
-        raise FileNotFoundError(f"{d}: no such model folder")
+    d = resolve_model(name_or_dir)
     cfg = read_config(d)
     device = torch.device(device) if device is not None else default_device()
     model = load_model(d, device=device, dtype=resolve_dtype(dtype) or default_dtype(device), cfg=cfg)
@@ -247,13 +72,23 @@ def load(name_or_dir: Union[str, Path], device=None, dtype=None, tokenizer: Opti
     else:
         found = find_tokenizer(d)
         tk = Tokenizer.from_dir(found) if found else None
-    for factory in PIPELINE_FACTORIES:
-        pipe = factory(model, tk, str(d), **options)
-        if pipe is not None:
-            return pipe
-    if options:
-        raise TypeError(f"unknown load options {sorted(options)}")
-    return Pipeline(model, tk, source=str(d))
+    understanding = None
+    if cfg.vision is not None:
+        if tk is None:
+            raise CapabilityError(f"{d}: an understanding model needs a tokenizer (tokenizer.json or tokenizer=)")
+        understanding = Understanding(cfg, tk, chat_format=chat_format, image_policy=image_policy)
+    elif chat_format is not None or image_policy is not None:
+        raise TypeError("chat_format and image_policy apply to models with a vision tower")
+    generation = None
+    if cfg.vq_head is not None or cfg.flow_head is not None:
+        chat = understanding.chat_cfg if understanding is not None else None
+        vae_dir = None if vae is None else str(resolve_model(vae, "VAE"))
+        generation = ImageGenerator(cfg, tk, chat, source=str(d), vae_path=vae_dir,
+                                    device=model.device, dtype=model.dtype)
+    elif vae is not None:
+        raise TypeError("vae applies to models with a flow generation path")
+    return Pipeline(model, tk, source=str(d), understanding=understanding, generation=generation,
+                    prefill_chunk=prefill_chunk)
 
 
 _DEFAULT: dict = {}

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from .config import ConfigError, register_section
+from .errors import ConfigError
 
 JANUS_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that the "
@@ -19,18 +19,20 @@ JANUS_SYSTEM_PROMPT = (
 
 # Named chat formats users can pick in `mmstack.load(..., chat_format=...)`.
 CHAT_FORMATS = {
-    "deepseek-vl2": dict(template="deepseek_vl2", user_role="<|User|>", assistant_role="<|Assistant|>"),
-    "janus-pro": dict(template="janus", user_role="<|User|>", assistant_role="<|Assistant|>",
+    "deepseek-vl2": dict(user_role="<|User|>", assistant_role="<|Assistant|>"),
+    "janus-pro": dict(user_role="<|User|>", assistant_role="<|Assistant|>",
                       system_prompt=JANUS_SYSTEM_PROMPT),
-    "janus-1.3b": dict(template="janus", user_role="User", assistant_role="Assistant", system_prompt=JANUS_SYSTEM_PROMPT),
-    "janusflow": dict(template="janusflow", user_role="User", assistant_role="Assistant",
+    "janus-1.3b": dict(user_role="User", assistant_role="Assistant", system_prompt=JANUS_SYSTEM_PROMPT),
+    "janusflow": dict(user_role="User", assistant_role="Assistant",
                       system_prompt=JANUS_SYSTEM_PROMPT),
 }
 
 
 @dataclass
 class ChatConfig:
-    template: str  # deepseek_vl2 | janus | janusflow
+    """The "deepseek" conversation template with a family's role strings, plus the tag strings of its image
+    and generation spans. Special token ids always come from the tokenizer."""
+
     user_role: str = "<|User|>"
     assistant_role: str = "<|Assistant|>"
     system_prompt: str = ""
@@ -44,8 +46,12 @@ class ChatConfig:
     gen_tag: Optional[str] = None  # token that starts image generation
 
     def validate(self) -> None:
-        if self.template not in ("deepseek_vl2", "janus", "janusflow"):
-            raise ConfigError(f"chat.template {self.template!r} is not one of deepseek_vl2, janus, janusflow")
+        for name in ("user_role", "assistant_role", "system_prompt", "sep", "eos_text", "image_tag", "pad_tag"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"chat.{name} must be a string, got {getattr(self, name)!r:.60}")
+        if isinstance(self.num_image_tokens, bool) or not isinstance(self.num_image_tokens, int) \
+                or not 0 <= self.num_image_tokens <= 1 << 16:
+            raise ConfigError(f"chat.num_image_tokens must be an integer 0..65536, got {self.num_image_tokens!r}")
 
     def with_format(self, name: str) -> "ChatConfig":
         if name not in CHAT_FORMATS:
@@ -84,5 +90,3 @@ class ChatConfig:
                 out += f"{role}:"
         return out
 
-
-register_section("chat", ChatConfig)

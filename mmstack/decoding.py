@@ -11,12 +11,9 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from . import kernels
+from .errors import GenerationError  # noqa: F401  (its old home; re-exported)
 from .kernels.sampling import apply_repetition_penalty
 from .llm import DecodeStep, KVCache, LanguageModel
-
-
-class GenerationError(ValueError):
-    pass
 
 
 @dataclass
@@ -46,9 +43,29 @@ class SamplingParams:
         return self
 
     def updated(self, **kw) -> "SamplingParams":
+        """A copy with options replaced (None keeps the current value). The names transformers and the OpenAI
+        API use are accepted too: `max_tokens` (max_new_tokens), `stop` (stop_strings: a str or a list),
+        `stop_ids` (stop_token_ids), `do_sample` (False: greedy; True: temperature 1.0 unless one is given)."""
+        kw = dict(kw)
+        for alias, name in (("max_tokens", "max_new_tokens"), ("stop", "stop_strings"), ("stop_ids", "stop_token_ids")):
+            if alias in kw:
+                value = kw.pop(alias)
+                if name in kw and kw[name] is not None and value is not None and kw[name] != value:
+                    raise GenerationError(f"both {alias} and {name} are given, with different values")
+                kw.setdefault(name, value)
+                kw[name] = value if kw[name] is None else kw[name]
+        if isinstance(kw.get("stop_strings"), str):
+            kw["stop_strings"] = (kw["stop_strings"],)
+        if "do_sample" in kw:
+            do_sample = kw.pop("do_sample")
+            if do_sample is False:
+                kw["temperature"] = 0.0
+            elif do_sample and not kw.get("temperature") and not self.temperature:
+                kw["temperature"] = 1.0
         unknown = set(kw) - set(self.__dataclass_fields__)
         if unknown:
-            raise GenerationError(f"unknown sampling options {sorted(unknown)} (known: {sorted(self.__dataclass_fields__)})")
+            raise GenerationError(f"unknown sampling options {sorted(unknown)} (known: {sorted(self.__dataclass_fields__)}"
+                                  " and max_tokens, stop, stop_ids, do_sample)")
         return replace(self, **{k: v for k, v in kw.items() if v is not None})
 
 

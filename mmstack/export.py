@@ -11,9 +11,8 @@
 """
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,15 @@ from typing import Callable, Optional, Union
 
 import torch
 
-from .config import ConfigError, ModelConfig, to_dict
-from .formats import read_config
+from .config import ModelConfig, to_dict
+from .errors import ConfigError, ExportError
+from .formats import key_table, read_config, write_config
+from .formats.common import Written
+from .io.atomic import atomic_write_json, atomic_write_text
 from .io.checkpoint import SAFE_INDEX, SAFE_SINGLE, _listing, save_safetensors, tied_parameters
 from .io.keymaps import KeyTable
-from .loading import build_model, copy_tokenizer, key_table
-from .writers import ExportError, Written, write_config
+from .io.tokenizer_files import copy_tokenizer
+from .model import MultimodalModel, build_model
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +54,7 @@ def plan_export(cfg: ModelConfig, fmt: str, dtype: str = "float32", tokenizer_di
     """
     stripped = sorted(cfg.parts) if language_only else []
     if language_only:
-        cfg = ModelConfig(language=cfg.language, source_format=cfg.source_format, name=cfg.name)
+        cfg = cfg.only(())
     written = write_config(cfg, fmt, dtype=dtype, token_id=_token_lookup(tokenizer_dir))
     try:
         target = _read_back(written, tokenizer_dir)
@@ -70,13 +72,27 @@ def plan_export(cfg: ModelConfig, fmt: str, dtype: str = "float32", tokenizer_di
     return ExportPlan(fmt, written, target, warnings, stripped)
 
 
-def export_pretrained(model, out_dir: Union[str, Path], fmt: str, tokenizer_dir=None, language_only: bool = False,
-                      max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
+def save_pretrained(model: MultimodalModel, out_dir: Union[str, Path],
+                    tokenizer_dir: Optional[Union[str, Path]] = None) -> Path:
+    """Write the native format: config.json, model.safetensors (internal names), tokenizer files."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    native = dataclasses.replace(model.cfg, source_format="mmstack")
+    save_safetensors(model.state_dict(), out / "model.safetensors", metadata={"format": "pt", "mmstack": "1"})
+    if tokenizer_dir is not None:
+        copy_tokenizer(tokenizer_dir, out)
+    atomic_write_text(out / "config.json", native.dumps())  # last: a config.json means a complete folder
+    return out
+
+
+def export_pretrained(model: MultimodalModel, out_dir: Union[str, Path], fmt: str = "mmstack", tokenizer_dir=None,
+                      language_only: bool = False, max_shard_bytes: int = MAX_SHARD_BYTES) -> Path:
     """Write `model` as a folder of format `fmt` that the official code / transformers / mmstack load.
 
     Args:
         model: a loaded `MultimodalModel` (any source format; e.g. fine-tuned and re-loaded).
-        fmt: deepseek_vl_v2, janus, janusflow, hf_deepseek_v2, hf_deepseek_v3, hf_llama, hf_janus.
+        fmt: "mmstack" (native, `save_pretrained`), deepseek_vl_v2, janus, janusflow, hf_deepseek_v2,
+            hf_deepseek_v3, hf_llama, hf_janus.
         tokenizer_dir: tokenizer folder (or tokenizer.json) copied next to the weights.
         language_only: write only the language model (e.g. a VL2 or Janus LLM as a transformers causal LM).
         max_shard_bytes: larger checkpoints are written as shards plus `model.safetensors.index.json`.
@@ -85,6 +101,10 @@ def export_pretrained(model, out_dir: Union[str, Path], fmt: str, tokenizer_dir=
     Raises:
         ExportError: the format cannot hold this model (see `plan_export`).
     """
+    if fmt == "mmstack":
+        if language_only:
+            raise ExportError("language_only is for the export formats; the native format keeps every part")
+        return save_pretrained(model, out_dir, tokenizer_dir=tokenizer_dir)
     weights = dict(model.state_dict())
     plan = plan_export(model.cfg, fmt, _dtype_name(weights), tokenizer_dir, language_only)
     for w in plan.warnings:
@@ -96,8 +116,8 @@ def export_pretrained(model, out_dir: Union[str, Path], fmt: str, tokenizer_dir=
     if tokenizer_dir is not None:
         copy_tokenizer(tokenizer_dir, out)
     for name, data in plan.written.files.items():
-        _write_json(out / name, data)
-    _write_json(out / "config.json", plan.written.config)  # last: a config.json means a complete folder
+        atomic_write_json(out / name, data)
+    atomic_write_json(out / "config.json", plan.written.config)  # last: a config.json means a complete folder
     return out
 
 
@@ -157,7 +177,7 @@ def save_sharded(tensors: dict[str, torch.Tensor], out: Path, max_shard_bytes: i
         stale.append(out / SAFE_SINGLE)
         total = sum(t.numel() * t.element_size() for t in tensors.values())
         weight_map = {key: name for name, shard in zip(names, shards) for key in shard}
-        _write_json(out / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
+        atomic_write_json(out / SAFE_INDEX, {"metadata": {"total_size": total}, "weight_map": weight_map})
     for p in stale:
         if p.exists():
             p.unlink()
@@ -191,7 +211,7 @@ def _target_tensors(weights: dict[str, torch.Tensor], plan: ExportPlan) -> dict[
 def _read_back(written: Written, tokenizer_dir) -> ModelConfig:
     with tempfile.TemporaryDirectory(prefix="mmstack-export-") as tmp:
         for name, data in {**written.files, "config.json": written.config}.items():
-            _write_json(Path(tmp) / name, data)
+            atomic_write_json(Path(tmp) / name, data)
         if tokenizer_dir is not None:  # transformers' Janus keeps its tag strings in tokenizer_config.json
             copy_tokenizer(tokenizer_dir, Path(tmp), names=("tokenizer_config.json",))
         return read_config(tmp)
@@ -237,16 +257,3 @@ def _dtype_name(weights: dict[str, torch.Tensor]) -> str:
         if t.is_floating_point():
             count[t.dtype] = count.get(t.dtype, 0) + t.numel()
     return str(max(count, key=count.get) if count else torch.float32).removeprefix("torch.")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, ensure_ascii=False)
-            f.write("\n")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -10,10 +10,7 @@ import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
-
-class TokenizerError(ValueError):
-    pass
-
+from .errors import TokenizerError  # noqa: F401  (re-exported)
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
 

@@ -13,32 +13,23 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-
-def embed_batch(model, batch: dict) -> torch.Tensor:
-    """Token + image embeddings for a processed batch (VL2 tiles or Janus square images)."""
-    from mmstack.vision.embed import embed_janus, embed_vl2
-
-    if not model.has_part("vision") or ("images" not in batch and "pixel_values" not in batch):
-        return model.language.embed_tokens(batch["input_ids"])
-    if "images_spatial_crop" in batch:
-        return embed_vl2(model, batch["input_ids"], batch["images"], batch["images_seq_mask"], batch["images_spatial_crop"])
-    return embed_janus(model, batch["input_ids"], batch["pixel_values"], batch["images_seq_mask"], batch["images_emb_mask"])
+from .batch import MultimodalBatch
 
 
-def understanding_loss(model, batch: dict) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over assistant tokens. batch: processor outputs + `assistant_mask` [B,T].
+def understanding_loss(model, batch: MultimodalBatch) -> tuple[torch.Tensor, int]:
+    """Mean cross-entropy over assistant tokens of a training `MultimodalBatch` (with `assistant_mask`).
 
     Returns (loss, number of target tokens).
     """
-    emb = embed_batch(model, batch)
+    emb = model.embed(batch)
     lm = model.language
-    h = lm(inputs_embeds=emb, attention_mask=batch["attention_mask"])
-    target = batch["assistant_mask"][:, 1:] & batch["attention_mask"][:, 1:].bool()
+    h = lm(inputs_embeds=emb, attention_mask=batch.attention_mask)
+    target = batch.assistant_mask[:, 1:] & batch.attention_mask[:, 1:].bool()
     n = int(target.sum())
     if n == 0:
         return h.sum() * 0.0, 0
     logits = lm.logits(h[:, :-1][target])  # [n, V] only where a target exists
-    return F.cross_entropy(logits, batch["input_ids"][:, 1:][target]), n
+    return F.cross_entropy(logits, batch.input_ids[:, 1:][target]), n
 
 
 def vq_generation_loss(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:

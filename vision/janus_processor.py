@@ -15,8 +15,9 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mmstack.batch import MultimodalBatch
 from mmstack.chat import ChatConfig
-from mmstack.decoding import GenerationError
+from mmstack.errors import GenerationError
 from mmstack.tokenizer import Tokenizer
 
 
@@ -109,3 +110,31 @@ class JanusProcessor:
         seq_mask &= mask.bool()
         return {"input_ids": ids, "attention_mask": mask, "pixel_values": pix, "images_seq_mask": seq_mask,
                 "images_emb_mask": emb_mask}
+
+    def batch(self, conversations: Sequence[list[dict]], images: Sequence[Sequence[Image.Image]], system_prompt=None,
+              max_prompt_tokens: Optional[int] = None, training: bool = False) -> MultimodalBatch:
+        """A left-padded `MultimodalBatch`; with `training`, it carries the assistant mask (`assistant_mask`)."""
+        out = self(conversations, images, system_prompt, max_prompt_tokens)
+        batch = MultimodalBatch.from_janus(out["input_ids"], out["pixel_values"], out["images_seq_mask"],
+                                           out["images_emb_mask"], out["attention_mask"])
+        if training:
+            t = out["input_ids"].shape[1]
+            batch.assistant_mask = torch.stack([self.assistant_mask(c, t, system_prompt) for c in conversations])
+        return batch
+
+    def assistant_mask(self, conversation: list[dict], length: int, system_prompt=None) -> torch.Tensor:
+        """[length] bool, True on each assistant answer and its end token, for a conversation left-padded to
+        `length`. The "deepseek" template is a string template: answer spans come from tokenising the
+        prefixes up to and after each answer, checked to tokenise stably."""
+        full = self.tokens(conversation, system_prompt)
+        off = length - len(full)
+        mask = torch.zeros(length, dtype=torch.bool)
+        for k, m in enumerate(conversation):
+            if m["role"] != "assistant":
+                continue
+            before = self.tokens(conversation[:k], system_prompt)  # ends with "{assistant}:" (a generation prompt)
+            upto = self.tokens(conversation[: k + 1], system_prompt)
+            if upto[: len(before)] != before:
+                raise ValueError("the chat template does not tokenise prefix-stably; cannot mask assistant turns")
+            mask[off + len(before): off + len(upto)] = True
+        return mask

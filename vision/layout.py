@@ -10,31 +10,19 @@ Every slot (newline and separator included) holds the `<image>` id in input_ids 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from mmstack.config import ConfigError
+from mmstack.part_configs import LayoutConfig
 
-
-@dataclass
-class LayoutConfig:
-    kind: str  # "vl2_tiles" | "janus" | "janusflow"
-    n_embed: int
-    tile_tag: str = "2D"
-    global_view_pos: str = "head"
-
-    def validate(self) -> None:
-        if self.kind not in ("vl2_tiles", "janus", "janusflow"):
-            raise ConfigError(f"layout.kind {self.kind!r} is not one of vl2_tiles, janus, janusflow")
-        if self.kind == "vl2_tiles" and (self.tile_tag, self.global_view_pos) != ("2D", "head"):
-            raise ConfigError(f"only tile_tag '2D' with global_view_pos 'head' is supported (the released "
-                              f"checkpoints), got {self.tile_tag!r} / {self.global_view_pos!r}")
+__all__ = ["Layout", "LayoutConfig", "splice"]
 
 
 class Layout(nn.Module):
-    """Learned layout embeddings: VL2 `image_newline` / `view_separator`, JanusFlow `begin_embed`."""
+    """Lays image features out as the sequence the LLM reads, by `cfg.kind`: VL2 tiles with the learned
+    `image_newline` / `view_separator`; Janus features as they are; JanusFlow after the learned `begin_embed`."""
 
     def __init__(self, cfg: LayoutConfig, device=None, dtype=None):
         super().__init__()
@@ -45,6 +33,26 @@ class Layout(nn.Module):
             self.view_separator = nn.Parameter(torch.zeros(cfg.n_embed, device=device, dtype=dtype))
         elif cfg.kind == "janusflow":
             self.begin_embed = nn.Parameter(torch.zeros(1, cfg.n_embed, device=device, dtype=dtype))
+
+    def arrange(self, feats: torch.Tensor, image_tiles: Sequence[tuple[int, int]]) -> torch.Tensor:
+        """feats [V, P, D] (every view of every image, in order) -> the image slots' embeddings [N, D].
+
+        `image_tiles[i] = (tw, th)`: image i has 1 + tw*th views (global first; (0, 0) is one view).
+        """
+        out, start = [], 0
+        for tw, th in image_tiles:
+            n = 1 + tw * th
+            views = feats[start: start + n]
+            start += n
+            if self.cfg.kind == "vl2_tiles":
+                out.append(self.vl2_image(views, tw, th))
+            elif self.cfg.kind == "janusflow":
+                out.append(torch.cat([self.begin_embed.to(views.dtype), views.reshape(-1, views.shape[-1])]))
+            else:
+                out.append(views.reshape(-1, views.shape[-1]))
+        if start != feats.shape[0]:
+            raise ValueError(f"the image grids name {start} views but {feats.shape[0]} were encoded")
+        return torch.cat(out) if out else feats.new_zeros(0, feats.shape[-1])
 
     def vl2_image(self, tiles: torch.Tensor, tw: int, th: int) -> torch.Tensor:
         """tiles [1 + tw*th, h*w, D] (global first) -> the image's embedding sequence [n_tokens, D]."""

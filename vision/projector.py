@@ -9,32 +9,14 @@ Parameter names follow the official `layers.{0,2,...}` Sequential indices.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mmstack.config import ConfigError
+from mmstack.part_configs import ProjectorConfig
 
-
-@dataclass
-class ProjectorConfig:
-    kind: str  # downsample_mlp_gelu | mlp_gelu | linear
-    input_dim: int
-    n_embed: int
-    depth: int = 2
-    mlp_ratio: int = 1
-    downsample_ratio: int = 2
-
-    def validate(self) -> None:
-        if self.kind not in ("downsample_mlp_gelu", "mlp_gelu", "linear"):
-            raise ConfigError(f"projector.kind {self.kind!r} is not one of downsample_mlp_gelu, mlp_gelu, linear")
-        if self.kind != "linear" and self.depth < 1:
-            raise ConfigError(f"projector.depth must be >= 1, got {self.depth}")
-
-    def tokens_per_side(self, grid: int) -> int:
-        return math.ceil(grid / self.downsample_ratio) if self.kind == "downsample_mlp_gelu" else grid
+__all__ = ["Projector", "ProjectorConfig"]
 
 
 class Projector(nn.Module):

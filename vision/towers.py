@@ -9,42 +9,14 @@ Features are the final-LayerNorm tokens of all kept blocks (`forward_features`).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
 from torch import nn
 
-from mmstack.config import ConfigError
+from mmstack.part_configs import VisionTowerConfig
 
-
-@dataclass
-class VisionTowerConfig:
-    image_size: int
-    patch_size: int
-    width: int
-    layers: int
-    heads: int
-    mlp_ratio: float
-    act: str = "gelu"  # "gelu" (exact) | "gelu_tanh"
-    global_pool: str = "map"  # "map" keeps the attention-pool head the checkpoints contain (unused)
-    ln_eps: float = 1e-6
-
-    def validate(self) -> None:
-        if self.act not in ("gelu", "gelu_tanh"):
-            raise ConfigError(f"vision.act must be gelu or gelu_tanh, got {self.act!r}")
-        if self.width % self.heads:
-            raise ConfigError(f"vision.width {self.width} is not divisible by heads {self.heads}")
-        if self.image_size < self.patch_size:
-            raise ConfigError(f"vision.image_size {self.image_size} < patch_size {self.patch_size}")
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid * self.grid
+__all__ = ["VisionTower", "VisionTowerConfig"]
 
 
 class VisionTower(nn.Module):

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 from PIL import Image
 
+from mmstack.batch import MultimodalBatch
 from mmstack.tokenizer import Tokenizer
 
 from .tiling import TilingConfig, tile_image
@@ -175,6 +176,33 @@ class VL2Processor:
             raise ValueError(f"VL2Processor: {len(convs)} conversations but {len(imgs)} image lists")
         samples = [self._one(c, ims, inference_mode) for c, ims in zip(convs, imgs)]
         return self._batchify(samples)
+
+    def batch(self, conversations: Sequence[Conversation], images: Sequence[Sequence[Image.Image]],
+              training: bool = False) -> MultimodalBatch:
+        """A left-padded `MultimodalBatch` of conversations (one image list each); with `training`, the trailing
+        EOS of an answer is kept and the batch carries the assistant mask."""
+        if len(images) != len(conversations):
+            raise ValueError(f"VL2Processor: {len(conversations)} conversations but {len(images)} image lists")
+        samples = [self._one(c, list(ims), not training) for c, ims in zip(conversations, images)]
+        t = max(len(toks.input_ids) for toks, _, _ in samples)
+        b = len(samples)
+        ids = torch.full((b, t), self.tokenizer.pad_id, dtype=torch.long)
+        mask = torch.zeros(b, t, dtype=torch.long)
+        seq = torch.zeros(b, t, dtype=torch.bool)
+        answer = torch.zeros(b, t, dtype=torch.bool)
+        views, tiles, counts = [], [], []
+        for i, (toks, pixels, _) in enumerate(samples):
+            n = len(toks.input_ids)
+            ids[i, t - n:] = torch.tensor(toks.input_ids, dtype=torch.long)
+            mask[i, t - n:] = 1
+            seq[i, t - n:] = torch.tensor(toks.images_seq_mask, dtype=torch.bool)
+            answer[i, t - n:] = torch.tensor(toks.assistant_mask, dtype=torch.bool)
+            if toks.images_spatial_crop:
+                views.append(pixels)
+                tiles += list(toks.images_spatial_crop)
+            counts.append(len(toks.images_spatial_crop))
+        return MultimodalBatch(ids, mask, seq, torch.cat(views) if views else None, tiles, counts,
+                               answer if training else None)
 
     def _one(self, conversation: Conversation, images: list, inference_mode: bool):
         for i, im in enumerate(images):

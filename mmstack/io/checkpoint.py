@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 import torch
 from torch import nn
 
+from ..errors import CheckpointError
+from .atomic import atomic_path
 from .keymaps import KeyTable, Slot
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -31,10 +32,6 @@ _ST_DTYPES = {
 
 # Parameters kept in fp32 whatever dtype the model is loaded in (router numerics).
 KEEP_FP32 = ("e_score_correction_bias",)
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded; the message names the file and the keys."""
 
 
 # ------------------------------------------------------------------------------------------ finding files
@@ -328,14 +325,5 @@ def save_safetensors(tensors: dict[str, torch.Tensor], path: os.PathLike, metada
         if ident is not None:
             seen[ident] = k
         clean[k] = t.detach().contiguous().cpu()
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(clean, tmp, metadata=metadata or {"format": "pt"})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; weights are ordinary readable files
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=metadata or {"format": "pt"})

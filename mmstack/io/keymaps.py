@@ -105,42 +105,6 @@ class KeyTable:
                 return
 
 
-def lm_rules(model_prefix: str, lm_head: str, prefix: str = "language.") -> list[Rule]:
-    """Rules for a DeepSeek/LLaMA decoder under `model_prefix`.
-
-    Per-expert source keys (`experts.{j}.gate_proj.weight`, ...) are stacked into the internal
-    `experts.gate_up_proj` [E, 2I, H] (gate rows first) / `experts.down_proj` [E, H, I]; export writes
-    them per expert again. Already-fused keys in that same layout (transformers 5's in-memory names,
-    `experts.gate_up_proj` / `experts.down_proj`) load unchanged through the catch-all rule.
-    """
-    p, d = model_prefix, prefix
-    experts = f"{p}layers.{{i}}.mlp.experts."
-    dexp = f"{d}layers.{{i}}.mlp.experts."
-    return [
-        Rule(experts + "{j}.gate_proj.weight", dexp + "gate_up_proj", stack=True, part=(0, 2)),
-        Rule(experts + "{j}.up_proj.weight", dexp + "gate_up_proj", stack=True, part=(1, 2)),
-        Rule(experts + "{j}.down_proj.weight", dexp + "down_proj", stack=True),
-        Rule(lm_head, d + "lm_head.weight"),
-        Rule(p + "{rest}", d + "{rest}"),
-    ]
-
-
-# Official DeepSeek-VL2: language.model.* / language.lm_head.weight, experts one module each.
-VL2_LM = KeyTable("deepseek_vl_v2", lm_rules("language.model.", "language.lm_head.weight"))
-# Official Janus / Janus-Pro / JanusFlow: language_model.model.* (LlamaForCausalLM).
-JANUS_LM = KeyTable("janus", lm_rules("language_model.model.", "language_model.lm_head.weight"))
-JANUSFLOW_LM = KeyTable("janusflow", lm_rules("language_model.model.", "language_model.lm_head.weight"))
-# transformers DeepseekV2/V3/Llama ForCausalLM: model.* / lm_head.weight. `save_pretrained` writes
-# per-expert keys (as the hub checkpoints); the fused in-memory layout loads too.
-HF_CAUSAL_LM = KeyTable("hf_causal_lm", lm_rules("model.", "lm_head.weight"))
-# transformers JanusForConditionalGeneration: model.language_model.* / lm_head.weight.
-HF_JANUS = KeyTable("hf_janus", lm_rules("model.language_model.", "lm_head.weight"))
-# Native mmstack checkpoints store internal names unchanged.
-NATIVE = KeyTable("mmstack", [Rule("{rest}", "{rest}")])
-
-TABLES = {t.name: t for t in (VL2_LM, JANUS_LM, JANUSFLOW_LM, HF_CAUSAL_LM, HF_JANUS, NATIVE)}
-
-
 def export_names(table: KeyTable, shapes: dict[str, tuple]) -> dict[str, tuple]:
     """Source-format names and shapes for internal `shapes` (name -> shape), through `table`."""
     out = {}

@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .masks import causal_keep
 from .registry import kernel
 
 
@@ -72,9 +73,7 @@ def attention(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     scores = torch.matmul(q, k.transpose(-1, -2)).float() * scale  # [B,H,T,S]
     if causal:
-        t, s = q.shape[-2], k.shape[-2]
-        keep = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-        scores = scores.masked_fill(~keep, torch.finfo(torch.float32).min)
+        scores = scores.masked_fill(~causal_keep(q.shape[-2], k.shape[-2], q.device), torch.finfo(torch.float32).min)
     if mask is not None:
         scores = (scores + mask.float()).clamp_min(torch.finfo(torch.float32).min)
     probs = torch.softmax(scores, dim=-1).to(v.dtype)

@@ -64,7 +64,7 @@ class Kernel:
 
     def __call__(self, *args, **kwargs):
         # hot path (a dozen calls per decoded token): look for a forced backend only when something is forced
-        if getattr(_forced, "stack", None) or (_ENV_DATA.get(_ENV_KEY) if _ENV_KEY is not None else os.environ.get(_ENV)):
+        if getattr(_forced, "stack", None) or os.environ.get(_ENV):
             forced = self._forced_name()
             if forced is not None:
                 return self.get(forced)(*args, **kwargs)
@@ -99,20 +99,14 @@ def kernel(name: str) -> Callable[[Callable], Kernel]:
 
 
 _ENV = "MMSTACK_KERNELS"
-# os.environ keeps its values in a plain dict (`_data`, keyed by `encodekey(name)`); reading it directly
-# sees every change made through os.environ (monkeypatch, os.environ[...] = ...) at the cost of one dict
-# lookup instead of os.environ.get's encode/decode, which showed in decode steps (a dozen kernel calls each).
-_ENV_DATA = getattr(os.environ, "_data", None)
-_ENV_KEY = os.environ.encodekey(_ENV) if _ENV_DATA is not None and hasattr(os.environ, "encodekey") else None
 
 
 def _env_choice() -> dict:
-    # read on every call (tests and users change it at run time); parsed once per distinct value
-    raw = _ENV_DATA.get(_ENV_KEY) if _ENV_KEY is not None else os.environ.get(_ENV)
+    # read on every call (tests and users change it at run time, ~1 us); parsed once per distinct value
+    raw = os.environ.get(_ENV)
     parsed = _PARSED.get(raw)
     if parsed is None:
-        text = raw if raw is None or isinstance(raw, str) else os.environ.decodevalue(raw)
-        parsed = _PARSED[raw] = _parse_env(text or "")
+        parsed = _PARSED[raw] = _parse_env(raw or "")
     return parsed
 
 

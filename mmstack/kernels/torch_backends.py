@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from . import reference as ref
+from .masks import causal_additive, combine
 
 # ---------------------------------------------------------------------------------------------- attention
 
@@ -34,9 +35,7 @@ def attention_sdpa(
     if causal and mask is None and t == s:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=h != g)
     if causal:
-        keep = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(s - t)
-        cm = torch.zeros(t, s, dtype=q.dtype, device=q.device).masked_fill(~keep, torch.finfo(q.dtype).min)
-        mask = cm if mask is None else (mask.to(q.dtype) + cm).clamp_min(torch.finfo(q.dtype).min)
+        mask = combine(mask, causal_additive(t, s, q.device, q.dtype), q.dtype)
     elif mask is not None:
         mask = mask.to(q.dtype)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=h != g)

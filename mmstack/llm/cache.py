@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 
 from ..config import LMConfig
+from ..kernels.masks import additive, causal_keep
 
-NEG = torch.finfo(torch.float32).min
 
 
 class CacheFullError(RuntimeError):
@@ -69,8 +69,8 @@ class KVCache:
         s = self.length + t
         keep = self.key_valid[:, None, None, :s]  # [B,1,1,S]
         if t > 1:
-            keep = keep & torch.ones(t, s, dtype=torch.bool, device=keep.device).tril(s - t)
-        return torch.zeros(keep.shape, device=keep.device).masked_fill(~keep, NEG), False
+            keep = keep & causal_keep(t, s, keep.device)
+        return additive(keep), False
 
     def advance(self, t: int, valid: Optional[torch.Tensor]) -> None:
         self.length += t
@@ -114,8 +114,7 @@ class KVCache:
         self.key_valid.index_fill_(1, self.pos, True)
         seen = torch.arange(self.capacity, device=self.pos.device) <= self.pos  # [S]
         keep = (self.key_valid & seen)[:, None, None, :]
-        mask = torch.zeros(keep.shape, device=keep.device).masked_fill(~keep, NEG)
-        return self.next_pos[:, None], mask
+        return self.next_pos[:, None], additive(keep)
 
     def static_advance(self) -> None:
         """Device-side advance (captured with the step); the host `length` is advanced by the caller."""

@@ -15,16 +15,11 @@ import torch
 from torch import nn
 
 from .. import kernels
+from ..kernels.masks import causal_additive, combine
 from ..config import MLAConfig
 from .cache import KVCache
 from .fused import fused
 from .norm import RMSNorm
-
-
-def causal_additive(t: int, s: int, device, dtype=torch.float32) -> torch.Tensor:
-    """[T,S] additive mask: query i (absolute S-T+i) sees keys <= S-T+i."""
-    keep = torch.ones(t, s, dtype=torch.bool, device=device).tril(s - t)
-    return torch.zeros(t, s, dtype=dtype, device=device).masked_fill(~keep, torch.finfo(dtype).min)
 
 
 class MLAttention(nn.Module):
@@ -112,7 +107,6 @@ class MLAttention(nn.Module):
         w_uk, w_uv = w[:, : self.nope], w[:, self.nope :]  # [H,P,C], [H,V,C]
         q_latent = torch.matmul(q_nope, w_uk)  # [B,H,T,P] @ [H,P,C] -> [B,H,T,C]
         if causal and q_nope.shape[2] > 1:  # a single query aligned to the end sees every key
-            cm = causal_additive(q_nope.shape[2], latent.shape[1], latent.device)
-            mask = cm if mask is None else (mask.float() + cm).clamp_min(torch.finfo(torch.float32).min)
+            mask = combine(mask, causal_additive(q_nope.shape[2], latent.shape[1], latent.device))
         o_latent = kernels.mla_decode(q_latent, q_pe, latent, k_pe, mask, self.scale)  # [B,H,T,C]
         return torch.matmul(o_latent, w_uv.transpose(-1, -2))  # [B,H,T,C] @ [H,C,V] -> [B,H,T,V]

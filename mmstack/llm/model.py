@@ -12,6 +12,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import LMConfig
+from ..kernels.masks import additive, causal_keep
 from .attention import Attention
 from .cache import KVCache
 from .fused import _ATTR as _PACKED, pack
@@ -181,9 +182,8 @@ class LanguageModel(nn.Module):
         """(additive mask [B,1,T,S] or None, causal flag). Pure causal stays a flag for fused kernels."""
         if key_valid is None or bool(key_valid.all()):
             return None, True
-        neg = torch.finfo(torch.float32).min
-        keep = torch.ones(t, s, dtype=torch.bool, device=device).tril(s - t)[None] & key_valid[:, None, :]
-        return torch.zeros(b, 1, t, s, device=device).masked_fill(~keep[:, None], neg), False
+        keep = causal_keep(t, s, device)[None] & key_valid[:, None, :]  # [B,T,S]
+        return additive(keep[:, None]), False
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden).float()

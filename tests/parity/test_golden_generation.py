@@ -42,7 +42,7 @@ def _pipe(d):
 
 def _user_text(pipe, prompt_text: str) -> str:
     """The user prompt inside the fixture's recorded generation string."""
-    chat = pipe._gen_chat()
+    chat = pipe.chat_cfg
     return prompt_text.split(f"{chat.user_role}: ", 1)[1].split(chat.sep, 1)[0]
 
 

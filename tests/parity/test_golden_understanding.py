@@ -13,7 +13,6 @@ from safetensors.torch import load_file
 from golden import fixture_image, golden_dir, tokenizer_for, understanding_fixtures
 import mmstack
 from mmstack.vision.embed import embed_janus, embed_vl2
-from mmstack.vision.pipeline import UnderstandingPipeline
 
 FIXTURES = understanding_fixtures()
 IDS = [f.id for f in FIXTURES]
@@ -35,7 +34,7 @@ def loaded():
         if fx.model_dir not in cache:  # the whole folder, strictly, through the public API
             cache[fx.model_dir] = mmstack.load(fx.model_dir, device="cpu", dtype=torch.float32,
                                                tokenizer=tokenizer_for(fx.model_dir))
-            assert isinstance(cache[fx.model_dir], UnderstandingPipeline)
+            assert "understanding" in cache[fx.model_dir].capabilities
         return cache[fx.model_dir], load_file(fx.file)
 
     return get
@@ -92,7 +91,7 @@ def test_golden_understanding_processor_from_image_file(fx, loaded):
     conv = _conversation(fx, pipe, io)
     img = Image.open(fixture_image(fx.model_dir)).convert("RGB")
     if fx.has("images"):
-        batch = pipe.processor([pipe._vl2_conversation(conv)], [[img]])
+        batch = pipe.processor([pipe.understanding._vl2_conversation(conv)], [[img]])
         pix, want_pix = batch["images"], io[f"{p}images"]
         assert torch.equal(batch["images_spatial_crop"], io[f"{p}images_spatial_crop"])
     else:

@@ -197,7 +197,7 @@ def _check_chat(case) -> None:
 
     msgs, system, fmt = case
     try:
-        chat = ChatConfig(template="janus").with_format(sorted(CHAT_FORMATS)[fmt % len(CHAT_FORMATS)])
+        chat = ChatConfig().with_format(sorted(CHAT_FORMATS)[fmt % len(CHAT_FORMATS)])
         out = chat.prompt(msgs, system)
     except ValueError:
         well_formed = all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)

@@ -14,7 +14,7 @@ from PIL import Image
 import mmstack
 from golden import golden_dir, tokenizer_for
 from mmstack.decoding import GenerationError, SamplingParams, generate_ids
-from mmstack.vision import pipeline as understanding
+from mmstack.model import MultimodalModel
 from mmstack.vision.image_io import NATIVE, ImageError, load_image
 
 JANUS = golden_dir() / "janus_pro_tiny"  # context 1024; understanding + VQ generation
@@ -39,8 +39,7 @@ def no_embedding(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the over-long prompt reached the embedding step")
 
-    monkeypatch.setattr(understanding, "embed_janus", refuse)
-    monkeypatch.setattr(understanding, "embed_vl2", refuse)
+    monkeypatch.setattr(MultimodalModel, "embed", refuse)
 
 
 def _image(w=40, h=30) -> Image.Image:
