@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from . import batch
 from .metrics import anls, cer, exact_match, mean
@@ -57,10 +57,12 @@ def add_arguments(parser) -> None:
                             max_new_tokens=512)
 
 
-def main(args) -> int:
-    """`mmstack ocr`: 0 when the job ran (item errors are in the output), 2 for usage errors."""
+def main(args, describe: Optional[batch.Describe] = None) -> int:
+    """`mmstack ocr`: 0 when the job ran (item errors are in the output), 2 for usage errors.
+
+    `describe` answers instead of the model of `--model` (see `batch.job_main`)."""
     return batch.job_main(args, name="ocr", results=Path(args.out), work_for=lambda d: ocr_work(d, args.prompt),
-                          empty=EMPTY, scorer=score_ocr)
+                          empty=EMPTY, scorer=score_ocr, describe=describe)
 
 
 if __name__ == "__main__":

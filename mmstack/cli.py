@@ -2,8 +2,9 @@
 points there). `python -m mmstack.cli` and `from mmstack.cli import build_parser, main` still work."""
 import sys
 
-from mmstack.apps.cli import (COMMANDS, LAZY_COMMANDS, build_parser, command, load_pipeline, main,  # noqa: F401
-                              model_arguments)
+from mmstack.apps.cli import COMMANDS, LAZY_COMMANDS, build_parser, command, load_pipeline, main, model_arguments
+
+__all__ = ["COMMANDS", "LAZY_COMMANDS", "build_parser", "command", "load_pipeline", "main", "model_arguments"]
 
 if __name__ == "__main__":
     sys.exit(main())
