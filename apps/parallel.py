@@ -1,6 +1,7 @@
 """Data parallelism for the fine-tuning loop: the torchrun process group (rank, world size, device, sums over
-ranks), DDP, or FSDP2 (`fully_shard`) for models larger than one device; and training state as full (unsharded) tensors, so that a checkpoint and the final model folder
-have the same form whichever way they were trained, and any of them resumes under any mode.
+ranks), DDP, or FSDP2 (`fully_shard`) for models larger than one device; and training state as full
+(unsharded) tensors, so that a checkpoint and the final model folder have the same form whichever way they
+were trained, and any of them resumes under any mode.
 
 FSDP groups: each decoder layer, each vision-tower block (when every rank runs the tower in every step),
 and the root, the `LossModule`, which holds the rest (embeddings, heads, projector, VQ, ...). Everything

@@ -1,7 +1,7 @@
 """SIGKILL at random points, then `--resume`: `mmstack ocr` and `mmstack chart` (with the test stand-in model,
-through tests/apps/fake_job.py) end with exactly one valid line per item, equal to an uninterrupted run, and every table they wrote intact;
-`mmstack finetune` keeps a checkpoint that `torch.load(weights_only=True)` always reads, and its metrics end
-with each step exactly once, on the uninterrupted run's loss curve."""
+through tests/apps/fake_job.py) end with exactly one valid line per item, equal to an uninterrupted run, and
+every table they wrote intact; `mmstack finetune` keeps a checkpoint that `torch.load(weights_only=True)` always
+reads, and its metrics end with each step exactly once, on the uninterrupted run's loss curve."""
 from __future__ import annotations
 
 import csv
