@@ -15,12 +15,13 @@ import csv
 import io
 import json
 import logging
-import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
+
+from mmstack.io.atomic import atomic_write_text
 
 from . import batch
 from .metrics import Triple, mean, rms_f1, table_relaxed_accuracy, to_number
@@ -317,12 +318,6 @@ def score_chart(pairs: list[tuple[dict, Any]]) -> dict:
             "rms_f1": mean(rms_f1(p, t) for p, t in scored)}
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def chart_work(describe: batch.Describe, out_dir: Union[str, Path], prompt: str = DEFAULT_PROMPT) -> batch.Work:
     """The per-item work of a chart job: ask, parse, write `tables/<safe name>.csv` and `.json` under
     `out_dir`; returns the record fields (paths relative to `out_dir`)."""
@@ -331,11 +326,13 @@ def chart_work(describe: batch.Describe, out_dir: Union[str, Path], prompt: str 
     def work(item: batch.Item) -> dict:
         text = describe(item.load(), prompt)
         table = parse_table(text)
+        if not table.rows or not table.series():
+            raise batch.ItemError("the answer holds no table with values", {"text": text})
         name = batch.safe_name(item.id)
         tables.mkdir(parents=True, exist_ok=True)
-        _write_atomic(tables / f"{name}.csv", table.to_csv())
+        atomic_write_text(tables / f"{name}.csv", table.to_csv())
         doc = json.dumps({"id": item.id, **table.to_json()}, ensure_ascii=False, indent=1)
-        _write_atomic(tables / f"{name}.json", doc)
+        atomic_write_text(tables / f"{name}.json", doc)
         return {"text": text, "table": table.to_json(), "csv": f"tables/{name}.csv", "json": f"tables/{name}.json"}
 
     return work
@@ -343,13 +340,15 @@ def chart_work(describe: batch.Describe, out_dir: Union[str, Path], prompt: str 
 
 def chart(inputs: Sequence[Union[str, Path]], out_dir: Union[str, Path], describe: batch.Describe, *,
           prompt: str = DEFAULT_PROMPT, resume: bool = False, overwrite: bool = False, retry_errors: bool = False,
-          shard: tuple[int, int] = (0, 1), progress: bool = True, pdf_dpi: float = 144.0) -> batch.Summary:
+          shard: tuple[int, int] = (0, 1), progress: bool = True, pdf_dpi: float = 144.0,
+          batch_size: int = 1) -> batch.Summary:
     """Run a chart job in Python (the CLI's behaviour with an injected `describe(image, prompt) -> str`);
-    results go to `out_dir/results.jsonl` (per shard: `results.shard-I-of-N.jsonl`)."""
+    results go to `out_dir/results.jsonl` (per shard: `results.shard-I-of-N.jsonl`). `batch_size` items run
+    at once (a thread each: give a thread-safe describe, e.g. a pipeline's)."""
     items = list(batch.iter_items(inputs, pdf_dpi=pdf_dpi))
     return batch.run(items, chart_work(describe, out_dir, prompt), Path(out_dir) / "results.jsonl", resume=resume,
                      overwrite=overwrite, retry_errors=retry_errors, shard=shard, empty=EMPTY, scorer=score_chart,
-                     progress=progress, desc="chart")
+                     progress=progress, desc="chart", concurrency=batch_size)
 
 
 def add_arguments(parser) -> None:
@@ -357,14 +356,17 @@ def add_arguments(parser) -> None:
                             max_new_tokens=1024)
 
 
-def main(args) -> int:
-    """`mmstack chart`: 0 when the job ran (item errors are in the output), 2 for usage errors."""
+def main(args, describe: Optional[batch.Describe] = None) -> int:
+    """`mmstack chart`: 0 when the job ran (item errors are in the output), 2 for usage errors.
+
+    `describe` answers instead of the model of `--model` (see `batch.job_main`)."""
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         print(f"mmstack chart: error: --out {out} is a file; chart writes a folder", file=sys.stderr)
         return 2
     return batch.job_main(args, name="chart", results=out / "results.jsonl",
-                          work_for=lambda d: chart_work(d, out, args.prompt), empty=EMPTY, scorer=score_chart)
+                          work_for=lambda d, prompt: chart_work(d, out, prompt), empty=EMPTY, scorer=score_chart,
+                          describe=describe)
 
 
 if __name__ == "__main__":

@@ -6,36 +6,35 @@
 `build_app(pipe)` returns the `gr.Blocks`. Every event is an API endpoint with a stable name for
 `gradio_client`: /chat, /regenerate, /clear, /generate, /ocr, /chart. The app calls only the public
 Pipeline API (`chat`, `describe`, `generate`) and the grounding helpers; no model code lives here.
+
+This module builds the layout, launches and holds the `mmstack demo` command; the event functions are in
+`demo_handlers`, table parsing and PDF pages in `demo_tables`.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import csv
 import ipaddress
 import json
 import logging
-import os
-import re
 import sys
-import tempfile
 from pathlib import Path
 from typing import Optional
 
-# A local demo should not phone home; an explicit GRADIO_ANALYTICS_ENABLED still wins.
-os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+from mmstack.api import CapabilityError, Pipeline
 
-import gradio as gr  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from mmstack.api import CapabilityError, Pipeline  # noqa: E402
-from mmstack.vision.grounding import draw_boxes, parse_boxes, strip_grounding  # noqa: E402
-from mmstack.vision.image_io import NATIVE, load_image  # noqa: E402
+from .demo_gradio import gr
+from .demo_handlers import BOXES_MIN_SIDE, CHART_PROMPT, OCR_PROMPT, Handlers, to_model_messages
+from .demo_tables import chart_table, parse_markdown_table, pdf_page
 
 log = logging.getLogger(__name__)
 
-OCR_PROMPT = "Read the text in the image."
-CHART_PROMPT = "Convert the chart to a table."
+__all__ = ["build_app", "launch", "demo_settings", "cfg_default", "add_arguments", "main",
+           "CHAT_DEFAULTS", "CHAT_LIMITS", "CFG_DEFAULTS", "GENERATE_EXAMPLES", "SETTINGS_FILE", "SEED_DEFAULT",
+           "MODEL_QUEUE",
+           # in demo_handlers / demo_tables, importable from here as before the split
+           "Handlers", "to_model_messages", "OCR_PROMPT", "CHART_PROMPT", "BOXES_MIN_SIDE", "parse_markdown_table",
+           "chart_table", "pdf_page"]
+
 # Defaults of the official demos (VL2 web_demo.py; Janus app_januspro.py / app_janusflow.py).
 CHAT_DEFAULTS = dict(temperature=0.1, top_p=0.9, max_new_tokens=512, repetition_penalty=1.1)
 CHAT_LIMITS = dict(temperature=(0.0, 1.5), top_p=(0.05, 1.0), max_new_tokens=(1, 1 << 20), repetition_penalty=(1.0, 2.0))
@@ -44,221 +43,8 @@ GENERATE_EXAMPLES = ["A red apple on a wooden table", "The face of a beautiful g
 # optional, in a model folder: {"generate_examples": ["prompt", ...], "chat_sampling": {"temperature": 0, ...}}
 SETTINGS_FILE = "demo.json"
 SEED_DEFAULT = 12345
-BOXES_MIN_SIDE = 320  # the boxes view enlarges smaller images by a whole factor
 # One model serves every tab: all model events share one queue slot.
 MODEL_QUEUE = dict(concurrency_limit=1, concurrency_id="model")
-
-
-@contextlib.contextmanager
-def _user_errors():
-    """Show failures (bad image, too many images, prompt too long ...) in the UI as one line."""
-    try:
-        yield
-    except gr.Error:
-        raise
-    except Exception as e:  # the UI boundary: log the traceback, show the message
-        log.exception("demo request failed")
-        raise gr.Error(f"{type(e).__name__}: {e}") from e
-
-
-def to_model_messages(history: list) -> list[dict]:
-    """gr.Chatbot messages (text and file parts) -> transformers-style messages for `pipe.chat`."""
-    out = []
-    for m in history:
-        parts = m["content"] if isinstance(m["content"], list) else [m["content"]]
-        content = []
-        for p in parts:
-            if isinstance(p, str):
-                content.append({"type": "text", "text": p})
-            elif p.get("type") == "text":
-                content.append({"type": "text", "text": p["text"]})
-            elif "file" in p or "path" in p:
-                content.append({"type": "image", "path": (p.get("file") or p)["path"]})
-        if m["role"] == "assistant":  # images belong in user turns
-            content = "".join(c["text"] for c in content if c["type"] == "text")
-        out.append({"role": m["role"], "content": content})
-    return out
-
-
-def _last_image(messages: list[dict]) -> Optional[str]:
-    paths = [c["path"] for m in messages if isinstance(m["content"], list) for c in m["content"] if c["type"] == "image"]
-    return paths[-1] if paths else None
-
-
-def parse_markdown_table(text: str) -> tuple[list[str], list[list[str]]]:
-    """(header, rows) of the first `|`-separated table in `text`; ([], []) when there is none.
-
-    Separator lines (`|---|:--:|`) are skipped; rows are padded or cut to the header's width.
-    """
-    lines = text.replace("<0x0A>", "\n").splitlines()  # DePlot-style answers spell newlines out
-    rows: list[list[str]] = []
-    for line in lines:
-        if "|" not in line:
-            if rows:
-                break
-            continue
-        cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if all(re.fullmatch(r":?-+:?", c) or not c for c in cells):
-            continue
-        rows.append(cells)
-    if not rows:
-        return [], []
-    header = rows[0]
-    body = [(r + [""] * len(header))[: len(header)] for r in rows[1:]]
-    return header, body
-
-
-def chart_table(text: str) -> tuple[list[str], list[list[str]]]:
-    """The chart answer as (header, rows): `mmstack.apps.chart.parse_table` when present, else our own parser."""
-    try:
-        from mmstack.apps.chart import parse_table
-    except ImportError:
-        return parse_markdown_table(text)
-    table = parse_table(text)
-    return list(table.columns), [list(r) for r in table.rows]
-
-
-def _unique(names: list[str]) -> list[str]:
-    """Dataframe headers must be unique and non-empty."""
-    out: list[str] = []
-    for i, n in enumerate(names):
-        name = n or f"column {i + 1}"
-        while name in out:
-            name += "'"
-        out.append(name)
-    return out
-
-
-def pdf_page(path: str, page: int):
-    """One page (1-based) of a PDF as an RGB PIL image, rendered like the batch OCR does (144 dpi, capped)."""
-    try:
-        import pypdfium2
-    except ImportError:
-        raise gr.Error("Reading PDFs needs pypdfium2 (pip install pypdfium2); upload an image instead.") from None
-    from mmstack.apps.batch import PdfPage
-
-    doc = pypdfium2.PdfDocument(path)
-    count = len(doc)
-    doc.close()
-    if not 1 <= page <= count:
-        raise gr.Error(f"Page {page} does not exist: this PDF has {count} page(s).")
-    return PdfPage(path, page - 1).render()
-
-
-class Handlers:
-    """The event functions of the demo, bound to one pipeline (apart from the layout so tests can call them)."""
-
-    def __init__(self, pipe: Pipeline, work_dir: Optional[Path] = None):
-        self.pipe = pipe
-        self.policy = getattr(pipe, "policy", NATIVE)  # load boxed images as the pipeline loads them
-        # In the system temp folder, which gradio serves files from.
-        self.work_dir = Path(work_dir or tempfile.mkdtemp(prefix="mmstack-demo-"))
-
-    # ------------------------------------------------------------------ chat
-    def chat(self, message: Optional[dict], history: Optional[list], temperature, top_p, max_new_tokens,
-             repetition_penalty):
-        """Append the user turn (text + images) and stream the answer. Yields (history, textbox, boxes)."""
-        message = message or {}
-        text = (message.get("text") or "").strip()
-        files = [f if isinstance(f, str) else f["path"] for f in message.get("files") or []]
-        if not text and not files:
-            raise gr.Error("Type a question or attach an image.")
-        content: list = [{"path": p} for p in files]  # gradio fills in the mime type, so images show inline
-        if text:
-            content.append({"type": "text", "text": text})
-        history = list(history or []) + [{"role": "user", "content": content}]
-        yield history, None, gr.Image(value=None, visible=False)
-        sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                        repetition_penalty=repetition_penalty)
-        for hist, boxes in self._answer(history, sampling):
-            yield hist, gr.skip(), boxes
-
-    def regenerate(self, history: Optional[list], temperature, top_p, max_new_tokens, repetition_penalty):
-        """Drop the last answer and answer the last user turn again. Yields (history, boxes)."""
-        history = list(history or [])
-        while history and history[-1]["role"] == "assistant":
-            history.pop()
-        if not history:
-            raise gr.Error("Nothing to regenerate: ask something first.")
-        yield history, gr.Image(value=None, visible=False)
-        sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                        repetition_penalty=repetition_penalty)
-        yield from self._answer(history, sampling)
-
-    def clear(self):
-        return [], None, gr.Image(value=None, visible=False)
-
-    def _answer(self, history: list, sampling: dict):
-        messages = to_model_messages(history)
-        sampling["max_new_tokens"] = int(sampling["max_new_tokens"])
-        raw = ""
-        with _user_errors():
-            for delta in self.pipe.chat(messages, stream=True, **sampling):
-                raw += delta
-                yield history + [{"role": "assistant", "content": strip_grounding(raw)}], gr.skip()
-            yield history + [{"role": "assistant", "content": strip_grounding(raw)}], self._boxes_view(raw, messages)
-
-    def _boxes_view(self, answer: str, messages: list[dict]):
-        """The last image with the answer's `<|det|>` boxes drawn, or a hidden image when there are none."""
-        path = _last_image(messages)
-        if "<|det|>" in answer and path is not None:
-            image = load_image(path, self.policy)
-            # small images are enlarged (whole pixels, nearest) so the boxes and their labels can be read
-            k = max(1, BOXES_MIN_SIDE // max(image.size))
-            if k > 1:
-                image = image.resize((image.width * k, image.height * k), Image.NEAREST)
-            boxes = parse_boxes(answer, image.width, image.height)
-            if boxes:
-                return gr.Image(value=draw_boxes(image, boxes), visible=True)
-        return gr.Image(value=None, visible=False)
-
-    # ------------------------------------------------------------------ text to image
-    def generate(self, prompt: str, n, seed, cfg, temperature, steps, mode: Optional[str] = None,
-                 progress=gr.Progress()):
-        """`pipe.generate` with the controls of the chosen mode; returns the images for the gallery."""
-        modes = self.pipe.generation_modes
-        mode = mode if mode in modes else modes[0]
-        options = dict(temperature=float(temperature)) if mode == "vq" else dict(steps=int(steps))
-        if len(modes) > 1:
-            options["mode"] = mode
-        seed = None if seed is None or seed < 0 else int(seed)
-        progress(0, desc="Generating")
-        with _user_errors():
-            return self.pipe.generate(prompt, n=int(n), seed=seed, cfg=float(cfg),
-                                      progress=lambda done, total: progress((done, total), desc="Generating"),
-                                      **options)
-
-    # ------------------------------------------------------------------ documents
-    def _document(self, path: Optional[str], page):
-        if not path:
-            raise gr.Error("Upload an image or a PDF first.")
-        with open(path, "rb") as f:
-            is_pdf = f.read(5) == b"%PDF-"
-        with _user_errors():
-            return pdf_page(path, int(page or 1)) if is_pdf else load_image(path, self.policy)
-
-    def ocr(self, path: Optional[str], page, max_new_tokens):
-        """(page image, text read from it)."""
-        image = self._document(path, page)
-        with _user_errors():
-            text = self.pipe.describe(image, OCR_PROMPT, max_new_tokens=int(max_new_tokens), temperature=0.0)
-        return image, text
-
-    def chart(self, path: Optional[str], page, max_new_tokens):
-        """(page image, table, CSV file, the model's answer)."""
-        import pandas as pd
-
-        image = self._document(path, page)
-        with _user_errors():
-            answer = self.pipe.describe(image, CHART_PROMPT, max_new_tokens=int(max_new_tokens), temperature=0.0)
-        header, rows = chart_table(answer)
-        if not header:
-            gr.Warning("No table found in the answer; see the model's answer below.")
-            return image, pd.DataFrame(), None, answer
-        with tempfile.NamedTemporaryFile("w", suffix=".csv", prefix="table-", dir=self.work_dir, delete=False,
-                                         newline="", encoding="utf-8") as f:
-            csv.writer(f).writerows([header, *rows])
-        return image, pd.DataFrame(rows, columns=_unique(header)), f.name, answer
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -427,7 +213,7 @@ def _is_loopback(host: str) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `mmstack demo` flags."""
-    parser.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
+    parser.add_argument("--model", default=None, help="model folder or hub id org/name[@revision] (default: the embedded demo model)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: found in --model)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")

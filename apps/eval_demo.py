@@ -82,7 +82,7 @@ def evaluate(pipe, data_dir: Path, per_task: Optional[int] = None, seed: int = 0
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model folder (default: the embedded demo model)")
+    p.add_argument("--model", default=None, help="model folder or hub id org/name[@revision] (default: the embedded demo model)")
     p.add_argument("--device", default=None)
     p.add_argument("--data", default=None, help="held-out synthetic set (default: generated with seed 1)")
     p.add_argument("--quick", action="store_true", help=f"{QUICK_PER_TASK} items per task; fail if below the recorded scores")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 from . import batch
 from .metrics import anls, cer, exact_match, mean
@@ -38,8 +38,10 @@ def score_ocr(pairs: list[tuple[dict, Any]]) -> dict:
 
 def ocr(inputs: Sequence[Union[str, Path]], out: Union[str, Path], describe: batch.Describe, *,
         prompt: str = DEFAULT_PROMPT, resume: bool = False, overwrite: bool = False, retry_errors: bool = False,
-        shard: tuple[int, int] = (0, 1), progress: bool = True, pdf_dpi: float = 144.0) -> batch.Summary:
-    """Run an OCR job in Python (the CLI's behaviour with an injected `describe(image, prompt) -> str`).
+        shard: tuple[int, int] = (0, 1), progress: bool = True, pdf_dpi: float = 144.0,
+        batch_size: int = 1) -> batch.Summary:
+    """Run an OCR job in Python (the CLI's behaviour with an injected `describe(image, prompt) -> str`);
+    `batch_size` items run at once (a thread each: give a thread-safe describe, e.g. a pipeline's).
 
     Returns:
         the run's `batch.Summary` (done, errors, skipped, items/s, scores when answers exist).
@@ -49,7 +51,7 @@ def ocr(inputs: Sequence[Union[str, Path]], out: Union[str, Path], describe: bat
     items = list(batch.iter_items(inputs, pdf_dpi=pdf_dpi))
     return batch.run(items, ocr_work(describe, prompt), out, resume=resume, overwrite=overwrite,
                      retry_errors=retry_errors, shard=shard, empty=EMPTY, scorer=score_ocr, progress=progress,
-                     desc="ocr")
+                     desc="ocr", concurrency=batch_size)
 
 
 def add_arguments(parser) -> None:
@@ -57,10 +59,12 @@ def add_arguments(parser) -> None:
                             max_new_tokens=512)
 
 
-def main(args) -> int:
-    """`mmstack ocr`: 0 when the job ran (item errors are in the output), 2 for usage errors."""
-    return batch.job_main(args, name="ocr", results=Path(args.out), work_for=lambda d: ocr_work(d, args.prompt),
-                          empty=EMPTY, scorer=score_ocr)
+def main(args, describe: Optional[batch.Describe] = None) -> int:
+    """`mmstack ocr`: 0 when the job ran (item errors are in the output), 2 for usage errors.
+
+    `describe` answers instead of the model of `--model` (see `batch.job_main`)."""
+    return batch.job_main(args, name="ocr", results=Path(args.out), work_for=ocr_work,
+                          empty=EMPTY, scorer=score_ocr, describe=describe)
 
 
 if __name__ == "__main__":

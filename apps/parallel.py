@@ -1,6 +1,7 @@
-"""Data parallelism for the fine-tuning loop: DDP, or FSDP2 (`fully_shard`) for models larger than one
-device; and training state as full (unsharded) tensors, so that a checkpoint and the final model folder
-have the same form whichever way they were trained, and any of them resumes under any mode.
+"""Data parallelism for the fine-tuning loop: the torchrun process group (rank, world size, device, sums over
+ranks), DDP, or FSDP2 (`fully_shard`) for models larger than one device; and training state as full
+(unsharded) tensors, so that a checkpoint and the final model folder have the same form whichever way they
+were trained, and any of them resumes under any mode.
 
 FSDP groups: each decoder layer, each vision-tower block (when every rank runs the tower in every step),
 and the root, the `LossModule`, which holds the rest (embeddings, heads, projector, VQ, ...). Everything
@@ -9,11 +10,45 @@ is read, including by methods other than `forward` (`language.logits`, `vq_head.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
 MODES = ("ddp", "fsdp")
 _FULL = dict(full_state_dict=True, cpu_offload=True)  # rank 0 gathers each tensor to CPU, the others get {}
+
+
+# ------------------------------------------------------------------------------------------ process group
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size) of this process under torchrun; (0, 1) alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def init_distributed(device: torch.device) -> torch.device:
+    """Join the torchrun process group (if any); returns the device, made this process's own GPU."""
+    rank, world = dist_info()
+    if world > 1 and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def all_sum(x: float) -> float:
+    """`x` summed over all processes (x itself without a process group)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        t = torch.tensor([float(x)], dtype=torch.float64)
+        torch.distributed.all_reduce(t)
+        return float(t.item())
+    return float(x)
+
+
+# ------------------------------------------------------------------------------------------ wrapping
 
 
 def shard_units(model, vision: bool) -> list[nn.Module]:

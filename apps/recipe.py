@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch
 
+from mmstack.io.atomic import atomic_write_json
+
 log = logging.getLogger(__name__)
 
 SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<image>", "<|ref|>", "<|/ref|>", "<|det|>",
@@ -106,10 +108,15 @@ def write_demo_settings(model_dir: Path, t2i_prompts, n: int = 6) -> None:
     """`demo.json` for the web demo: the first distinct held-out text-to-image prompts as examples, and the
     greedy decoding the held-out scores were measured with (a tiny model copies prompt words into its answers,
     so a repetition penalty or sampling hurts it)."""
+    from .synth import CHART_QUESTION, OCR_QUESTION
+
     picked = list(dict.fromkeys(t2i_prompts))[:n]
     settings = {"generate_examples": picked,
-                "chat_sampling": {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "max_new_tokens": 128}}
-    (model_dir / "demo.json").write_text(json.dumps(settings, indent=2))
+                "chat_sampling": {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "max_new_tokens": 128},
+                # the batch jobs ask what the model was trained to answer (`mmstack ocr` / `mmstack chart`)
+                "tasks": {"ocr": {"prompt": OCR_QUESTION, "max_new_tokens": 64},
+                          "chart": {"prompt": CHART_QUESTION, "max_new_tokens": 192}}}
+    atomic_write_json(model_dir / "demo.json", settings)
 
 
 def build(recipe_path: Path, work: Path, out: Path) -> Path:

@@ -6,86 +6,37 @@ Tasks: "understanding" (assistant-token CE), "vq" (image-code CE with prompt dro
 MSE with condition dropout), "vq_tokenizer" (VQ reconstruction), "mixed" (understanding + vq each step).
 Resuming restores model, optimizer, scheduler, RNG and data position, so the loss curve after a kill
 matches an uninterrupted run step for step (CPU, fixed seed).
+
+Around it: the options (`train_args.TrainArgs`), the batches (`train_batches`), what a checkpoint holds
+besides weights (`checkpointing`) and the process group and wrapping (`parallel`).
 """
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import random
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 import torch
 
+from mmstack.io.atomic import atomic_torch_save
+
 from . import parallel
+from .checkpointing import read_checkpoint, rng_state, set_rng_state, truncate_metrics
+from .parallel import all_sum, dist_info, init_distributed
+from .train_args import TrainArgs
+from .train_batches import Batcher, ImageCodes, make_batch
 
 log = logging.getLogger(__name__)
 
-
-@dataclass
-class TrainArgs:
-    model: str
-    data: list
-    out: str
-    task: str = "understanding"
-    tokenizer: Optional[str] = None
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup: int = 10
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    train: str = "all"  # comma-separated parts (language, vision, projector, layout, vq, vq_head, ...) or "all"
-    lora_r: int = 0
-    lora_alpha: int = 16
-    lora_targets: str = "q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
-    gradient_checkpointing: bool = False
-    dtype: Optional[str] = None  # autocast: default bf16 on CUDA, fp32 on CPU; "bf16" also on CPU, "fp32" off
-    device: Optional[str] = None
-    eval_fraction: float = 0.05
-    eval_every: int = 0
-    save_every: int = 50
-    seed: int = 0
-    resume: bool = False
-    skip_bad: bool = False
-    prompt_dropout: float = 0.1
-    log_every: int = 1
-    stop_after: Optional[int] = None  # stop (as if killed) after this step: for resume tests
-    parallel: str = "ddp"  # with several processes: "ddp", or "fsdp" (sharded, for models larger than a device)
-    extra: dict = field(default_factory=dict)
-
-
-# ------------------------------------------------------------------------------------------ distributed
-
-
-def dist_info() -> tuple[int, int]:
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def init_distributed(device: torch.device) -> torch.device:
-    """Join the torchrun process group (if any); returns the device, made this process's own GPU."""
-    rank, world = dist_info()
-    if world > 1 and device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device
-
-
-def all_sum(x: float) -> float:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.tensor([float(x)], dtype=torch.float64)
-        torch.distributed.all_reduce(t)
-        return float(t.item())
-    return float(x)
+__all__ = ["TrainArgs", "run", "evaluate", "LossModule", "autocast_bf16", "lr_lambda", "select_trainable",
+           # moved in the architecture split, importable from here for one release
+           "Batcher", "ImageCodes", "all_sum", "atomic_torch_save", "dist_info", "init_distributed", "rng_state",
+           "set_rng_state"]
 
 
 def autocast_bf16(device: torch.device, dtype: Optional[str]) -> bool:
@@ -96,45 +47,6 @@ def autocast_bf16(device: torch.device, dtype: Optional[str]) -> bool:
     if dtype in ("fp32", "float32"):
         return False
     return device.type == "cuda" or dtype in ("bf16", "bfloat16")
-
-
-# ------------------------------------------------------------------------------------------ checkpoints
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def rng_state() -> dict:
-    import numpy as np
-
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_version": random.getstate()[0],
-            "python_gauss": random.getstate()[2], "numpy": [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]}
-
-
-def set_rng_state(s: dict) -> None:
-    import numpy as np
-
-    torch.set_rng_state(s["torch"])
-    random.setstate((s["python_version"], tuple(s["python"]), s["python_gauss"]))
-    kind, keys, pos, has_gauss, cached = s["numpy"]
-    np.random.set_state((kind, keys.numpy().astype("uint32"), pos, has_gauss, cached))
 
 
 # ------------------------------------------------------------------------------------------ schedule
@@ -167,105 +79,6 @@ def select_trainable(model, parts: str) -> list:
     if not trainable:
         raise ValueError("nothing to train: --train selected no parameters")
     return trainable
-
-
-# ------------------------------------------------------------------------------------------ batches
-
-
-class Batcher:
-    """Turns examples into model batches for each task, through the pipeline's own processors."""
-
-    def __init__(self, pipe, args: TrainArgs):
-        self.pipe, self.args = pipe, args
-        self.model = pipe.model
-        self._codes: dict = {}
-
-    # understanding ---------------------------------------------------------------------------
-    def understanding(self, examples):
-        batch, _ = self.pipe.understanding.prepare_tagged([ex.messages for ex in examples], [ex.images for ex in examples])
-        return batch.to(self.pipe.device)
-
-    # generation ------------------------------------------------------------------------------
-    def flow(self, examples, gen: torch.Generator):
-        drop = torch.rand(len(examples), generator=gen) < self.args.prompt_dropout
-        ids, mask = self._prompts([ex.prompt for ex in examples], "flow", drop)
-        return ids, mask, self.latents(examples), gen
-
-    @torch.no_grad()
-    def latents(self, examples) -> torch.Tensor:
-        vae = self.pipe.generation.vae()
-        size = self.model.cfg.parts["flow_head"].image_size
-        x = torch.stack([self._pixels(ex.images[0], size) for ex in examples]).to(self.pipe.device)
-        p = next(vae.parameters())
-        return vae.encode(x.to(p.dtype)).latent_dist.mean.float() * vae.config.scaling_factor
-
-    def _prompts(self, prompts: list[str], mode: str, drop: torch.Tensor):
-        from mmstack.generation.generator import generation_prompt_ids
-
-        pipe = self.pipe
-        chat = pipe.generation.chat
-        pad = pipe.tokenizer.token_id(chat.pad_tag)
-        seqs = []
-        masks = []
-        for p, d in zip(prompts, drop.tolist()):
-            ids = generation_prompt_ids(pipe.tokenizer, chat, p, mode)
-            m = [1] * len(ids)
-            if d and mode == "vq":  # condition dropout = the unconditional rows of sampling (pads attended)
-                ids = [ids[0]] + [pad] * (len(ids) - 2) + [ids[-1]]
-            elif d:  # JanusFlow: everything after BOS is pad and masked out
-                ids = [ids[0]] + [pad] * (len(ids) - 1)
-                m = [1] + [0] * (len(ids) - 1)
-            seqs.append(ids)
-            masks.append(m)
-        t = max(map(len, seqs))
-        ids = torch.full((len(seqs), t), pad, dtype=torch.long)
-        mask = torch.zeros(len(seqs), t, dtype=torch.long)
-        for i, (s, m) in enumerate(zip(seqs, masks)):
-            ids[i, t - len(s):] = torch.tensor(s)
-            mask[i, t - len(s):] = torch.tensor(m)
-        return ids.to(pipe.device), mask.to(pipe.device)
-
-    def _pixels(self, path: str, size: int) -> torch.Tensor:
-        from PIL import Image
-
-        from mmstack.vision import image_io
-
-        img = image_io.load_image(path, image_io.NATIVE if self.pipe.understanding is None else self.pipe.policy).resize((size, size), Image.BICUBIC)
-        x = torch.from_numpy(__import__("numpy").asarray(img, dtype="float32")).permute(2, 0, 1) / 127.5 - 1
-        return x
-
-    def codes(self, examples) -> "ImageCodes":
-        size = self.model.cfg.parts["vq_head"].image_size
-        missing = [ex for ex in examples if ex.id not in self._codes]
-        pixels = torch.stack([self._pixels(ex.images[0], size) for ex in missing]) if missing else None
-        return ImageCodes([ex.id for ex in examples], pixels, self._codes, self.pipe.device)
-
-    def vq(self, examples, gen: torch.Generator):
-        drop = torch.rand(len(examples), generator=gen) < self.args.prompt_dropout
-        ids, mask = self._prompts([ex.prompt for ex in examples], "vq", drop)
-        return ids, mask, self.codes(examples)
-
-
-@dataclass
-class ImageCodes:
-    """The VQ codes of a batch's images: those encoded before (`cache`, by example id) and the pixels of
-    the rest [M,3,S,S], which `LossModule.forward` encodes: only there does FSDP hold the VQ weights whole."""
-
-    keys: list
-    pixels: Optional[torch.Tensor]
-    cache: dict
-    device: torch.device
-
-    @torch.no_grad()
-    def resolve(self, model) -> torch.Tensor:
-        """Encode what is missing (adding it to the cache); returns codes [B, N]."""
-        missing = [k for k in self.keys if k not in self.cache]
-        if missing:
-            with torch.autocast(self.device.type, enabled=False):  # the codes do not depend on --dtype
-                _, idx = model.vq.encode(self.pixels.to(self.device, model.dtype))
-            for k, c in zip(missing, idx.view(len(missing), -1).cpu()):
-                self.cache[k] = c
-        return torch.stack([self.cache[k] for k in self.keys]).to(self.device)
 
 
 # ------------------------------------------------------------------------------------------ the loop
@@ -322,8 +135,7 @@ def _split(examples, fraction: float, seed: int):
 def run(args: TrainArgs) -> Path:
     """Train; returns the output folder, whose `model/` is a native mmstack model `mmstack.load` reads."""
     import mmstack
-    from mmstack.io.checkpoint import CheckpointError
-    from mmstack.loading import resolve_dtype, save_pretrained
+    from mmstack.loading import save_pretrained
 
     from .data import load_examples
 
@@ -376,12 +188,7 @@ def run(args: TrainArgs) -> Path:
     gen = torch.Generator().manual_seed(args.seed + 17)  # condition dropout, flow noise and times
     ckpt = out / "checkpoint" / "state.pt"
     if args.resume and ckpt.exists():
-        try:  # weights_only: a tampered state.pt cannot run code, it is refused. mmap: under FSDP every
-            # rank reads the whole file, and the ranks then share one copy of its pages
-            saved = torch.load(ckpt, map_location="cpu", weights_only=True, mmap=mode == "fsdp")
-        except Exception as e:
-            raise CheckpointError(f"{ckpt}: cannot resume from it: not a checkpoint torch.load(weights_only=True) "
-                                  f"accepts ({type(e).__name__}: {str(e)[:300]})") from None
+        saved = read_checkpoint(ckpt, mmap=mode == "fsdp")
         parallel.load_state(loss_mod, model, opt, saved["model"], saved["optimizer"])
         sched.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
@@ -391,7 +198,7 @@ def run(args: TrainArgs) -> Path:
     metrics = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
-        _truncate_metrics(metrics, state["step"])
+        truncate_metrics(metrics, state["step"])
         (out / "args.json").write_text(json.dumps(asdict(args), indent=2))
     batcher = Batcher(pipe, args)
     use_bf16 = autocast_bf16(device, args.dtype)
@@ -411,7 +218,7 @@ def run(args: TrainArgs) -> Path:
                 idx = _stream_indices(len(pool), args.seed + len(key), state["pos"][key], args.batch_size)
                 state["pos"][key] += args.batch_size
                 mine = [pool[i] for i in idx[rank::world]]
-                batch = _make(batcher, task, mine, gen)
+                batch = make_batch(batcher, task, mine, gen)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss, n = loss_mod(task, batch)
                 n_all = all_sum(n)
@@ -441,6 +248,7 @@ def run(args: TrainArgs) -> Path:
             full = {"model": parallel.model_state(loss_mod, model, ties),  # under FSDP: all ranks gather
                     "optimizer": parallel.optimizer_state(loss_mod, model, opt)}
             if rank == 0:
+                ckpt.parent.mkdir(parents=True, exist_ok=True)
                 atomic_torch_save({**full, "scheduler": sched.state_dict(), "rng": rng_state(),
                                    "task_rng": gen.get_state(), "state": state}, ckpt)
             del full
@@ -461,19 +269,6 @@ def run(args: TrainArgs) -> Path:
     return out
 
 
-def _make(batcher: Batcher, task: str, examples, gen):
-    if task == "understanding":
-        return batcher.understanding(examples)
-    if task == "vq":
-        return batcher.vq(examples, gen)
-    if task == "vq_tokenizer":
-        size = batcher.model.cfg.parts["vq_head"].image_size
-        return torch.stack([batcher._pixels(ex.images[0], size) for ex in examples]).to(batcher.pipe.device)
-    if task == "flow":
-        return batcher.flow(examples, gen)
-    raise ValueError(task)
-
-
 @torch.no_grad()
 def evaluate(loss_mod, batcher, tasks, pools, args) -> Optional[float]:
     losses = []
@@ -482,22 +277,7 @@ def evaluate(loss_mod, batcher, tasks, pools, args) -> Optional[float]:
         if not pool:
             continue
         for i in range(0, len(pool), args.batch_size):
-            loss, _ = loss_mod(task, _make(batcher, task, pool[i : i + args.batch_size], torch.Generator().manual_seed(0)))
+            batch = make_batch(batcher, task, pool[i : i + args.batch_size], torch.Generator().manual_seed(0))
+            loss, _ = loss_mod(task, batch)
             losses.append(float(loss))
     return sum(losses) / len(losses) if losses else None
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Keep only the metric lines up to `step` (a resumed run rewrites what followed its checkpoint)."""
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line)["step"] <= step:
-                keep.append(line)
-        except (ValueError, KeyError):
-            continue  # a line cut by a kill
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # atomic: a kill now must not lose earlier lines
-    tmp.write_text("".join(k + "\n" for k in keep))
-    os.replace(tmp, path)

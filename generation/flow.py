@@ -34,14 +34,18 @@ class RectifiedFlowScheduler:
         return (z.float() + self.dt * velocity.float()).to(z.dtype)
 
 
+def uncond_prompt(prompt: list[int], pad_id: int) -> tuple[list[int], list[int]]:
+    """JanusFlow's unconditional prompt (and training-time condition dropout): everything after BOS is pad and
+    masked out. Returns (ids, mask) of the full prompt length."""
+    return [prompt[0]] + [pad_id] * (len(prompt) - 1), [1] + [0] * (len(prompt) - 1)
+
+
 def flow_prompt(prompt: list[int], n: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows [2n, L] (uncond rows: everything after BOS is pad) and the prompt mask [2n, L-1] for the kept
+    """Rows [2n, L] (cond rows first, then `uncond_prompt` rows) and the prompt mask [2n, L-1] for the kept
     tokens (the last token is dropped: t_emb takes its slot); uncond rows see only BOS."""
-    ids = torch.tensor(prompt, dtype=torch.long)
-    rows = torch.stack([ids] * (2 * n))
-    rows[n:, 1:] = pad_id
-    mask = torch.ones(2 * n, len(prompt) - 1, dtype=torch.long)
-    mask[n:, 1:] = 0
+    un_ids, un_mask = uncond_prompt(prompt, pad_id)
+    rows = torch.tensor([prompt] * n + [un_ids] * n, dtype=torch.long)
+    mask = torch.tensor([[1] * len(prompt)] * n + [un_mask] * n, dtype=torch.long)[:, :-1]
     return rows, mask
 
 

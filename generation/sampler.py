@@ -16,19 +16,21 @@ from mmstack.kernels.sampling import cfg_combine
 from mmstack.llm import DecodeStep
 
 
+def uncond_row(prompt: list[int], pad_id: int, uncond: str = "official_slice") -> list[int]:
+    """The unconditional prompt of Janus CFG (and its training-time condition dropout): BOS and the final
+    `<begin_of_image>` kept, everything between pad ("official_slice", generation_inference.py
+    `tokens[i, 1:-1] = pad_id`; "keep_bos_boi" is transformers' rule and gives the same row for a BOS ... BOI
+    prompt). The pads are attended (no mask), as officially."""
+    if len(prompt) <= 2:
+        return list(prompt)
+    return [prompt[0]] + [pad_id] * (len(prompt) - 2) + [prompt[-1]]
+
+
 def cfg_rows(prompt: list[int], n: int, pad_id: int, layout: str = "interleaved",
              uncond: str = "official_slice") -> torch.Tensor:
-    """[2n, L] prompt rows. Unconditional rows keep BOS and the final `<begin_of_image>`; everything
-    between becomes pad ("official_slice", generation_inference.py `tokens[i, 1:-1] = pad_id`;
-    "keep_bos_boi" is transformers' rule and gives the same rows for a BOS ... BOI prompt)."""
+    """[2n, L] prompt rows: the prompt and its unconditional row (`uncond_row`) for each of n images."""
     ids = torch.tensor(prompt, dtype=torch.long)
-    un = ids.clone()
-    if uncond == "official_slice":
-        un[1:-1] = pad_id
-    else:
-        keep = torch.zeros_like(ids, dtype=torch.bool)
-        keep[0] = keep[-1] = True
-        un[~keep] = pad_id
+    un = torch.tensor(uncond_row(prompt, pad_id, uncond), dtype=torch.long)
     if layout == "interleaved":
         return torch.stack([ids, un] * n)
     return torch.stack([ids] * n + [un] * n)

@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Iterator, Optional, Sequence, Union
+from typing import Iterator, Optional, Sequence, Union
 
 import torch
 
-from mmstack.generation.flow import flow_prompt
-from mmstack.generation.sampler import cfg_rows
-
 from .config import ModelConfig
 from .decoding import GenerationError, SamplingParams
-from .engine import Engine, EngineConfig, FlowImageRequest, Handle, TextRequest, VQImageRequest
-from .errors import CapabilityError, TokenizerError
+from .engine import Engine, EngineConfig, Handle, TextRequest
+from .errors import TokenizerError
 from .model import MultimodalModel
+from .pipeline_chat import ChatMixin
+from .pipeline_images import ImagesMixin
 from .tokenizer import Tokenizer
 
 log = logging.getLogger(__name__)
@@ -34,7 +33,10 @@ MAX_IMAGES = 16
 MAX_IMAGES_PER_CALL = 16
 
 
-class Pipeline:
+class Pipeline(ChatMixin, ImagesMixin):
+    """A model with its tokenizer and parts; text here, chat (`pipeline_chat`) and images (`pipeline_images`)
+    in the mixins."""
+
     max_images_per_call = MAX_IMAGES_PER_CALL
 
     def __init__(self, model: MultimodalModel, tokenizer: Optional[Tokenizer] = None, source: Optional[str] = None,
@@ -103,6 +105,30 @@ class Pipeline:
         """The longest accepted prompt: `max_prompt_tokens`, never more than the context."""
         return min(self.max_prompt_tokens or self.context, self.context)
 
+    def prompt_char_limit(self) -> int:
+        """No prompt longer than this many characters can fit: the context times the longest token's text
+        (a token covers at most that many characters). Checked before anything is tokenized."""
+        per_token = self.tokenizer.max_token_chars if self.tokenizer is not None else 1
+        return self.prompt_token_limit() * max(per_token, 1)
+
+    def check_prompt_chars(self, prompt) -> None:
+        """Raise `GenerationError` when the text of `prompt` (a str, or messages) has more characters than any
+        prompt the context can hold, before tokenizing it (a multi-megabyte prompt is refused in microseconds)."""
+        if isinstance(prompt, str):
+            n = len(prompt)
+        else:
+            n = 0
+            for m in prompt if isinstance(prompt, (list, tuple)) else ():
+                content = m.get("content") if isinstance(m, dict) else None
+                if isinstance(content, str):
+                    n += len(content)
+                elif isinstance(content, (list, tuple)):
+                    n += sum(len(p["text"]) for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        limit = self.prompt_char_limit()
+        if n > limit:
+            raise GenerationError(f"the prompt has {n} characters; no prompt over {limit} characters fits the limit of "
+                                  f"{self.prompt_token_limit()} tokens")
+
     def check_prompt_length(self, n_tokens: int, max_new_tokens: int = 0, what: str = "max_new_tokens") -> None:
         """Raise `GenerationError` naming the limit when a prompt of `n_tokens` (image tokens included) is
         longer than `max_prompt_tokens`, or when it and `max_new_tokens` do not fit the context."""
@@ -146,6 +172,7 @@ class Pipeline:
                 raise TokenizerError(
                     f"{self.source or 'this model'} has no tokenizer: pass token ids, or load with tokenizer=DIR"
                 )
+            self.check_prompt_chars(prompt)
             return self.tokenizer.encode(prompt)
         ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
         if not ids:
@@ -273,140 +300,3 @@ class Pipeline:
         results = [h.result() for h in self._run([self._text_request(params, prompt_ids=s) for s in seqs])]
         out = [r.token_ids for r in results] if self.tokenizer is None else [r.text for r in results]
         return out[0] if single else out
-
-    # ------------------------------------------------------------------------------ understanding
-    def _understanding(self, what: str):
-        if self.understanding is None:
-            raise CapabilityError(f"{self.source or 'this model'} cannot {what}: it has no image-understanding path")
-        return self.understanding
-
-    @torch.no_grad()
-    def encode(self, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 0):
-        """Conversations -> (inputs_embeds [B,T,D], attention_mask [B,T], the loaded images per sample).
-
-        Raises:
-            GenerationError: a prompt over `max_prompt_tokens`, or one that leaves no room in the context
-                for `max_new_tokens`; checked on the token ids, before anything is embedded.
-        """
-        u = self._understanding("chat about images")
-        batch, imgs = u.prepare(conversations, self.prompt_token_limit(), max_images=self.max_images)
-        self.check_prompt_length(batch.input_ids.shape[1], max_new_tokens)
-        batch = batch.to(self.device)
-        return self.model.embed(batch), batch.attention_mask, imgs
-
-    def _prepare(self, messages: Sequence[dict], max_new_tokens: int) -> tuple:
-        u = self._understanding("chat about images")
-        batch, imgs = u.prepare([messages], self.prompt_token_limit(), max_images=self.max_images)
-        self.check_prompt_length(batch.input_ids.shape[1], max_new_tokens)
-        return batch, imgs
-
-    def _submit_chat(self, messages: Sequence[dict], sampling: dict) -> Handle:
-        params = self._params(sampling)
-        batch, _ = self._prepare(messages, params.max_new_tokens)
-        return self._run([self._text_request(params, batch=batch)])[0]
-
-    def chat(self, messages: Sequence[dict], stream: bool = True, **sampling) -> Union[Iterator[str], str]:
-        """Answer the last user turn of `messages`. stream=True yields text deltas; False returns the text.
-
-        Messages use the transformers / OpenAI shapes (see `mmstack.vision.messages`); the request is checked
-        (limits, images) before this returns, also when streaming."""
-        handle = self._submit_chat(messages, sampling)
-        return self._deltas(handle) if stream else handle.result().text
-
-    def chat_batch(self, conversations: Sequence[Sequence[dict]], **sampling) -> list[str]:
-        """Answer many conversations at once (they run batched on the engine); returns the texts in order."""
-        params = self._params(sampling)
-        reqs = [self._text_request(params, batch=self._prepare(c, params.max_new_tokens)[0]) for c in conversations]
-        return [h.result().text for h in self._run(reqs)]
-
-    def describe(self, image_or_images, prompt: Optional[str] = None, **sampling) -> str:
-        """Describe one image (or several, in one turn). Returns the answer text."""
-        u = self._understanding("describe images")
-        images = list(image_or_images) if isinstance(image_or_images, (list, tuple)) else [image_or_images]
-        if not images:
-            raise GenerationError("describe needs at least one image")
-        return self.chat(u.describe_messages(images, prompt), stream=False, **sampling)
-
-    def describe_batch(self, images: Sequence, prompts=None, **sampling) -> list[str]:
-        """One answer per image (each its own request, batched on the engine). `prompts`: one str for all,
-        or one per image (None: describe in detail)."""
-        u = self._understanding("describe images")
-        images = list(images)
-        prompts = [prompts] * len(images) if prompts is None or isinstance(prompts, str) else list(prompts)
-        if len(prompts) != len(images):
-            raise GenerationError(f"describe_batch got {len(images)} images but {len(prompts)} prompts")
-        return self.chat_batch([u.describe_messages([im], p) for im, p in zip(images, prompts)], **sampling)
-
-    def ground(self, image, phrase: str, **sampling):
-        """Boxes for `phrase` in original-image pixels (DeepSeek-VL2 `<|ref|>` / `<|det|>` grounding)."""
-        u = self._understanding("ground phrases")
-        if not u.can_ground:
-            raise CapabilityError(f"{self.source}: this model's tokenizer has no grounding tokens (<|ref|>, <|det|>)")
-        if not isinstance(phrase, str) or not phrase.strip():
-            raise GenerationError("ground needs a non-empty phrase")
-        msgs, img = u.grounding_messages(image, phrase)
-        sampling.setdefault("max_new_tokens", 128)
-        result = self._submit_chat(msgs, sampling).result()
-        return u.boxes(self.tokenizer.decode(result.token_ids, skip_special_tokens=False), img, phrase)
-
-    # ------------------------------------------------------------------------------ generation
-    @property
-    def generation_modes(self) -> list[str]:
-        return self.generation.modes if self.generation is not None else []
-
-    def _generation(self):
-        if self.generation is None:
-            raise CapabilityError(f"{self.source or 'this model'} cannot generate images: it has no image-generation path")
-        return self.generation
-
-    def generation_prompt_ids(self, prompt: str, mode: str) -> list[int]:
-        """The official generation prompt ids (`{user}: {prompt}\n\n{assistant}:` + the start tag, with BOS)."""
-        return self._generation().prompt_ids(prompt, mode)
-
-    def vae(self):
-        """JanusFlow's VAE (`load(..., vae=DIR)`, else found in the model folder)."""
-        return self._generation().vae()
-
-    def generate(self, prompt: str, n: int = 1, seed: Optional[int] = None, cfg: Optional[float] = None,
-                 temperature: Optional[float] = None, steps: Optional[int] = None, size=None,
-                 mode: Optional[str] = None, progress: Optional[Callable[[int, int], None]] = None):
-        """Generate `n` images for `prompt`.
-
-        Args:
-            seed: same seed -> same images on a given device.
-            cfg: classifier-free guidance weight (Janus 5.0, JanusFlow 2.0 by default).
-            temperature: VQ path only (default 1.0; 0 = greedy codes).
-            steps: flow path only (Euler steps, default 30).
-            size: the model's native square size only (384 for the released models).
-            mode: "vq" or "flow" when a model has both (default: the first available).
-            progress: called as progress(done, total) during generation.
-        Returns:
-            a list of n PIL RGB images.
-        Raises:
-            CapabilityError: the model has no (such) generation path; GenerationError: a bad request.
-        """
-        g = self._generation()
-        req = g.request(prompt, n, seed, cfg, temperature, steps, size, mode, max_images=self.max_images_per_call)
-        self.check_prompt_length(len(req.prompt_ids), req.image_tokens, what="image tokens")
-        if req.mode == "vq":
-            head = self.cfg.vq_head
-            rows = cfg_rows(req.prompt_ids, n, g.pad_id(), head.row_layout, head.uncond)
-            handle = self._run([VQImageRequest(rows, n, req.image_tokens, req.cfg_weight, req.temperature, seed,
-                                               head.image_top_k, head.row_layout)])[0]
-        else:
-            rows, mask = flow_prompt(req.prompt_ids, n, g.pad_id())
-            fh = self.cfg.flow_head
-            side = fh.image_size // fh.vae_downsample
-            gen = torch.Generator().manual_seed(int(seed)) if seed is not None else None
-            z0 = torch.randn(n, fh.latent_channels, side, side, generator=gen)
-            handle = self._run([FlowImageRequest(rows, mask, n, req.steps, req.cfg_weight, z0, req.image_tokens)])[0]
-        try:
-            for ev in handle:
-                if progress is not None:
-                    progress(ev.done, ev.total)
-        finally:
-            handle.cancel()
-        result = handle.result()
-        if req.mode == "vq":
-            return g.decode_codes(self.model.vq, result.codes)
-        return g.decode_latents(result.latents)

@@ -76,6 +76,14 @@ class Tokenizer:
 
     # --------------------------------------------------------------------------- queries
     @property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for (the longest vocabulary entry): a text of N characters
+        has at least N / max_token_chars tokens, which bounds a prompt before it is tokenized."""
+        if getattr(self, "_max_token_chars", None) is None:
+            self._max_token_chars = max((len(t) for t in self.tk.get_vocab(with_added_tokens=True)), default=1)
+        return self._max_token_chars
+
+    @property
     def vocab_size(self) -> int:
         return self.tk.get_vocab_size(with_added_tokens=True)
 

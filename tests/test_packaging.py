@@ -47,4 +47,4 @@ def test_cli_exit_codes_and_one_line_errors(tmp_path):
     assert subprocess.run(cli + ["info"], capture_output=True, cwd=REPO).returncode == 2  # usage error
     r = subprocess.run(cli + ["info", str(tmp_path / "missing")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 1
-    assert r.stderr.strip().count("\n") == 0 and "file not found" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "no such model folder" in r.stderr and "Traceback" not in r.stderr

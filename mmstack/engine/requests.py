@@ -14,6 +14,7 @@ A `Handle` streams the request's events, can cancel it, and waits for its result
 """
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -136,19 +137,32 @@ class Handle:
     def __init__(self, request, request_id: int):
         self.request, self.id = request, request_id
         self._events: "queue.Queue" = queue.Queue()
+        self._lock = threading.Lock()
+        self._async: Optional[tuple] = None  # (event loop, asyncio.Queue) once an async reader attached
         self._done = threading.Event()
         self._result: Optional[RequestResult] = None
         self._error: Optional[BaseException] = None
         self.cancelled = False
 
     # engine side
+    def _put(self, item) -> None:
+        with self._lock:
+            if self._async is None:
+                self._events.put(item)
+            else:
+                loop, aq = self._async
+                try:
+                    loop.call_soon_threadsafe(aq.put_nowait, item)
+                except RuntimeError:  # the reader's loop is gone (a closed server): nobody is listening
+                    self.cancelled = True
+
     def _emit(self, event: Event) -> None:
-        self._events.put(event)
+        self._put(event)
 
     def _finish(self, result: Optional[RequestResult] = None, error: Optional[BaseException] = None) -> None:
         self._result, self._error = result, error
         self._done.set()
-        self._events.put(self._END)
+        self._put(self._END)
 
     # caller side
     def cancel(self) -> None:
@@ -167,6 +181,30 @@ class Handle:
                     raise self._error
                 return
             yield ev
+
+    async def aevents(self):
+        """The events, for an asyncio reader (a server): the engine hands them to the reader's loop."""
+        aq: asyncio.Queue = asyncio.Queue()
+        with self._lock:
+            while True:  # what was emitted before the reader attached
+                try:
+                    aq.put_nowait(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            self._async = (asyncio.get_running_loop(), aq)
+        while True:
+            ev = await aq.get()
+            if ev is self._END:
+                if self._error is not None:
+                    raise self._error
+                return
+            yield ev
+
+    async def aresult(self) -> RequestResult:
+        """Wait for the end without blocking the event loop."""
+        async for _ in self.aevents():
+            pass
+        return self.result()
 
     def result(self, timeout: Optional[float] = None) -> RequestResult:
         """Wait for the end; raises the request's error, or TimeoutError."""

@@ -1,6 +1,7 @@
 """Atomic file writes: a temporary file in the same folder, written, flushed and fsynced, then renamed over
 the target and the folder fsynced. A reader sees the old file or the new one, never a torn one, and a kill
-mid-write leaves at most a `.tmp-*` file that `clean_stale_temps` removes at the next start.
+mid-write leaves at most a `.tmp-*` file that `clean_stale_temps` removes at the next start. The folder
+must exist.
 """
 from __future__ import annotations
 
@@ -31,7 +32,6 @@ def _fsync_dir(folder: Path) -> None:
 
 def _atomic(path: PathLike, write: Callable, mode: int) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=path.suffix, dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -51,7 +51,6 @@ def atomic_path(path: PathLike, mode: int = 0o644) -> Iterator[Path]:
     """Yield a temporary path beside `path` for a writer that wants a file name (e.g. safetensors'
     `save_file`); on success it is fsynced and renamed over `path`, on failure removed."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:

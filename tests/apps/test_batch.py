@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from fake_model import fake_describe
 from golden import golden_dir
 from mmstack.apps import batch, chart, ocr
 
@@ -35,7 +36,7 @@ def make_images(root: Path, n: int = 4, corrupt: bool = False) -> list[Path]:
 
 
 def fake_text(image, prompt):
-    return batch.fake_describe("text")(image, prompt)
+    return fake_describe("text")(image, prompt)
 
 
 def records(path: Path) -> list[dict]:
@@ -49,6 +50,13 @@ def without_timing(recs):
 def run_module(*args, cwd, timeout=120):
     return subprocess.run([sys.executable, "-m", "mmstack.apps.ocr", *map(str, args)], cwd=cwd,
                           capture_output=True, text=True, timeout=timeout)
+
+
+FAKE_JOB = [sys.executable, str(Path(__file__).with_name("fake_job.py")), "ocr"]  # the module with the fake model
+
+
+def run_fake_job(*args, cwd, timeout=120):
+    return subprocess.run([*FAKE_JOB, *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
 # --------------------------------------------------------------------------------------------- inputs
@@ -143,7 +151,7 @@ def test_ids_never_leave_the_output_folder(tmp_path):
         assert (tmp_path / name).resolve().parent == tmp_path.resolve()
     assert batch.safe_name("a/b.png") != batch.safe_name("a_b.png")  # the hash keeps ids apart
     item = batch.Item(id="../../escape", source="x", image=Image.new("RGB", (4, 4)))
-    fields = chart.chart_work(batch.fake_describe("table"), tmp_path / "out")(item)
+    fields = chart.chart_work(fake_describe("table"), tmp_path / "out")(item)
     written = (tmp_path / "out" / fields["csv"]).resolve()
     assert written.is_file() and (tmp_path / "out" / "tables").resolve() == written.parent
 
@@ -196,11 +204,11 @@ def test_an_existing_output_needs_resume_or_overwrite(tmp_path):
     make_images(tmp_path / "imgs", n=1)
     parser = argparse.ArgumentParser()
     ocr.add_arguments(parser)
-    argv = [str(tmp_path / "imgs"), "--out", str(tmp_path / "o.jsonl"), "--fake-model", "text", "--no-progress"]
-    assert ocr.main(parser.parse_args(argv)) == 0
-    assert ocr.main(parser.parse_args(argv)) == 2
-    assert ocr.main(parser.parse_args(argv + ["--overwrite"])) == 0
-    assert ocr.main(parser.parse_args(argv + ["--resume"])) == 0
+    argv = [str(tmp_path / "imgs"), "--out", str(tmp_path / "o.jsonl"), "--no-progress"]
+    assert ocr.main(parser.parse_args(argv), describe=fake_text) == 0
+    assert ocr.main(parser.parse_args(argv), describe=fake_text) == 2
+    assert ocr.main(parser.parse_args(argv + ["--overwrite"]), describe=fake_text) == 0
+    assert ocr.main(parser.parse_args(argv + ["--resume"]), describe=fake_text) == 0
     assert len(records(tmp_path / "o.jsonl")) == 1
     with pytest.raises(SystemExit) as e:
         parser.parse_args(argv + ["--shard", "3/3"])
@@ -211,9 +219,8 @@ def test_kill_mid_run_then_resume_gives_one_valid_line_per_item(tmp_path):
     n = 8
     make_images(tmp_path / "imgs", n=n)
     out = tmp_path / "out.jsonl"
-    args = ["imgs", "--out", "out.jsonl", "--fake-model", "text:0.4", "--no-progress"]
-    proc = subprocess.Popen([sys.executable, "-m", "mmstack.apps.ocr", *args], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["imgs", "--out", "out.jsonl", "--fake-model", "text:0.4", "--no-progress", "--batch-size", "1"]
+    proc = subprocess.Popen([*FAKE_JOB, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not out.exists() or out.read_bytes().count(b"\n") < 2):
         time.sleep(0.05)
@@ -222,7 +229,7 @@ def test_kill_mid_run_then_resume_gives_one_valid_line_per_item(tmp_path):
     assert 2 <= out.read_bytes().count(b"\n") < n, "the run should have been killed part-way"
     with open(out, "ab") as f:  # make sure a torn final line is present, as a kill mid-write leaves it
         f.write(b'{"id": "imgs/im')
-    done = run_module(*args[:4], "text", "--resume", "--no-progress", cwd=tmp_path)
+    done = run_fake_job(*args[:4], "text", "--resume", "--no-progress", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     recs = records(out)  # every line parses
     expected = [f"imgs/{p.relative_to(tmp_path / 'imgs').as_posix()}" for p in (tmp_path / "imgs").rglob("im*.png")]
@@ -248,15 +255,15 @@ def test_cli_shards_from_torchrun_env_and_merge_flag(tmp_path, monkeypatch):
     make_images(tmp_path / "imgs", n=5)
     parser = argparse.ArgumentParser()
     ocr.add_arguments(parser)
-    base = ["imgs", "--out", "r.jsonl", "--fake-model", "text", "--no-progress"]
+    base = ["imgs", "--out", "r.jsonl", "--no-progress"]
     for rank in range(2):
         monkeypatch.setenv("RANK", str(rank))
         monkeypatch.setenv("WORLD_SIZE", "2")
-        assert ocr.main(parser.parse_args(base)) == 0
+        assert ocr.main(parser.parse_args(base), describe=fake_text) == 0
     monkeypatch.delenv("RANK")
     monkeypatch.delenv("WORLD_SIZE")
     assert len(records(Path("r.shard-0-of-2.jsonl"))) == 3 and len(records(Path("r.shard-1-of-2.jsonl"))) == 2
-    assert ocr.main(parser.parse_args(base + ["--merge"])) == 0
+    assert ocr.main(parser.parse_args(base + ["--merge"]), describe=fake_text) == 0
     assert [r["id"] for r in records(Path("r.jsonl"))] == [it.id for it in batch.iter_items(["imgs"])]
     assert batch.resolve_shard("1/4") == (1, 4) and batch.resolve_shard(None, env={}) == (0, 1)
     with pytest.raises(ValueError):

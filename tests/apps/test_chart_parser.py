@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from mmstack.apps import batch
+from fake_model import fake_describe
 from mmstack.apps.chart import Table, chart, parse_table, table_from_answer, table_triples
 from mmstack.apps.metrics import rms_f1
 
@@ -125,7 +125,7 @@ def test_chart_job_writes_tables_results_and_scores(tmp_path):
             {"id": "c", "image": "imgs/c.png", "answer": "Measure,Pixels\nwidth,1"}]
     man.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     out = tmp_path / "out"
-    s = chart([man], out, batch.fake_describe("table"), progress=False)
+    s = chart([man], out, fake_describe("table"), progress=False)
     assert (s.done, s.errors) == (2, 1)
     recs = [json.loads(x) for x in (out / "results.jsonl").read_text().splitlines()]
     assert [r["id"] for r in recs] == ["a/../chart 1", "b", "c"]

@@ -26,8 +26,11 @@ def _tree(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+FAKE_JOB = Path(__file__).resolve().parents[1] / "apps" / "fake_job.py"  # `mmstack chart` with the stand-in model
+
+
 def _chart(cwd: Path, *args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mmstack.cli", "chart", *map(str, args), "--fake-model", "table",
+    return subprocess.run([sys.executable, str(FAKE_JOB), "chart", *map(str, args), "--fake-model", "table",
                            "--no-progress"], cwd=cwd, capture_output=True, text=True, timeout=120)
 
 

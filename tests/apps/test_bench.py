@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from mmstack import bench, bench_suites
-from mmstack.cli import main
+from mmstack.apps import bench, bench_measure, bench_suites
+from mmstack.apps.cli import main
 
 ROW_FIELDS = {"impl", "prefill_tok_s", "decode_ms_per_token", "e2e_s", "peak_mem_bytes", "kv_bytes_per_token",
               "phases_s", "runs_e2e_s"}
@@ -55,8 +55,8 @@ def test_failed_gate_times_nothing_and_exits_1(monkeypatch, capsys):
                 return torch.tensor([value]), {}
             return run
 
-        return [bench.Case("c", bench.Contender("ours", side(1)), [bench.Contender("theirs", side(2))],
-                           gate=lambda a, b: (torch.equal(a, b), "tokens differ"))]
+        ours, theirs = bench_measure.Contender("ours", side(1)), bench_measure.Contender("theirs", side(2))
+        return [bench_measure.Case("c", ours, [theirs], gate=lambda a, b: (torch.equal(a, b), "tokens differ"))]
 
     monkeypatch.setitem(bench_suites.SUITES, "janus-t2i", fake_suite)
     assert main(["bench", "janus-t2i", "--size", "smoke", "--device", "cpu"]) == 1

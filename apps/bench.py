@@ -1,0 +1,108 @@
+"""`mmstack bench SUITE`: side-by-side benchmarks on random weights, gated by a correctness check.
+
+    mmstack bench janus-t2i --size cpu --json janus.json
+    mmstack bench all --size full --device cuda --dtype bfloat16
+
+Method (the same for every suite, see `measure`):
+  1. Build both sides from one config with identical random weights: a transformers model is drawn,
+     written with `save_pretrained`, and read back by `mmstack.loading.load_model` (the production config
+     reader and key table). Suites without a transformers counterpart compare our fast path with our
+     plain one (grouped MoE vs the expert loop; prompt-KV reuse vs full recomputation).
+  2. Correctness gate, before any timing: greedy tokens identical (fp32) or first-step logits close
+     (bf16/fp16: cosine > 0.999). A failed gate prints why and the command exits 1.
+  3. Warm up (the gate runs count as the first warm-up), then time `--repeat` (>= 5) runs per side,
+     interleaved (ours, theirs, ours, ...) so that drift on a shared machine hits both sides alike,
+     with `torch.cuda.synchronize()` around every timed region on CUDA. Medians are reported.
+  4. Prefill tokens/s, decode ms/token, end-to-end seconds, peak memory above the resident weights
+     (CUDA: `torch.cuda.max_memory_allocated`; not measured on CPU), KV-cache bytes per token (from the
+     cache tensors each side actually allocated), and ours/theirs for each.
+
+Sizes: "smoke" (seconds; the tests run it), "cpu" (each suite well under 2 minutes on 2 cores) and
+"full" (the released dimensions, for a GPU). Performance claims live in this output only; the tests
+check the plumbing, never a timing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from typing import Optional
+
+import torch
+
+from .bench_measure import SIZES, GateError, environment, format_table, measure
+from .bench_suites import SUITES
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The `mmstack bench` flags."""
+    p.add_argument("suites", nargs="+", metavar="SUITE", help=f"one or more of {', '.join(SUITES)}, or all")
+    p.add_argument("--size", choices=SIZES, default="cpu", help="smoke (seconds), cpu (minutes), full (released dims, GPU)")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--against", choices=["transformers", "none"], default="transformers",
+                   help="baseline for suites with a transformers counterpart (the others compare our plain path)")
+    p.add_argument("--repeat", type=int, default=5, help="timed runs per side (at least 5)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs per side after the gate")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--json", default=None, help="write the results here")
+
+
+def run_suites(names: list[str], size: str = "cpu", device=None, dtype=None, against: str = "transformers",
+               repeat: int = 5, warmup: int = 1, threads: Optional[int] = None) -> list[dict]:
+    """Run suites and return their JSON records (the Python form of the command).
+
+    Raises:
+        ValueError: an unknown suite or size, or fewer than 5 repeats (except at size "smoke").
+        GateError: the two sides of a case disagree (nothing of that suite is timed).
+    """
+    from mmstack.loading import default_device, default_dtype, resolve_dtype
+
+    if "all" in names:
+        names = list(SUITES)
+    unknown = [n for n in names if n not in SUITES]
+    if unknown:
+        raise ValueError(f"unknown suite(s) {unknown} (known: {', '.join(SUITES)}, all)")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {SIZES}, got {size!r}")
+    if repeat < 5 and size != "smoke":
+        raise ValueError(f"--repeat must be at least 5 (medians of fewer runs are noise), got {repeat}")
+    if threads:
+        torch.set_num_threads(threads)
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype) or default_dtype(device)
+    env = environment(device, torch.get_num_threads())
+    results = []
+    for name in names:
+        log.info("suite %s (%s)", name, size)
+        t0 = time.perf_counter()
+        cases = SUITES[name](size=size, device=device, dtype=dtype, against=against)
+        with torch.inference_mode():
+            records = [measure(c, device, repeat, warmup) for c in cases]
+        del cases  # free this suite's models before the next one is built
+        results.append({"suite": name, "size": size, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+                         "repeat": repeat, "env": env, "wall_s": time.perf_counter() - t0, "cases": records})
+    return results
+
+
+def main(args) -> int:
+    """`mmstack bench`: 0 when every suite ran, 1 when a correctness gate failed."""
+    try:
+        results = run_suites(args.suites, args.size, args.device, args.dtype, args.against, args.repeat,
+                             args.warmup, args.threads)
+    except GateError as e:
+        print(f"mmstack bench: correctness gate failed, nothing timed: {e}")
+        return 1
+    for r in results:
+        print(format_table(r))
+        print()
+    env = results[0]["env"] if results else {}
+    print(f"machine: {env.get('cpu')}{', ' + env['gpu'] if 'gpu' in env else ''}; torch {env.get('torch')}, "
+          f"transformers {env.get('transformers')}, {env.get('torch_threads')} threads; {env.get('date')}")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump({"results": results}, f, indent=2)
+    return 0

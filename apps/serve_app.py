@@ -1,0 +1,159 @@
+"""The OpenAI-compatible HTTP API of `mmstack serve`, on one pipeline and its continuous-batching engine.
+
+    GET  /health                    200 {"status": "ok", ...engine load}, 503 while the model loads
+    GET  /v1/models                 the one model this server holds
+    POST /v1/chat/completions       messages with text and image_url parts; stream: true -> SSE chunks
+    POST /v1/images/generations     models with a generation path; b64_json PNGs
+
+Bodies are bounded before they are parsed (`BodyLimit`: 413), requests validated (`serve_schemas`: 400),
+prompts bounded before they are tokenized (the pipeline: 400), a full engine queue answers 429, and every
+error has the OpenAI shape `{"error": {"message", "type", "param", "code"}}`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from .serve_errors import APIError, error_response
+from .serve_handlers import chat_completion, image_generation
+from .serve_media import MediaPolicy
+from .serve_schemas import ChatRequest, ImageRequest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    """What the routes share: the pipeline (None while loading), its public name, and the server's limits."""
+
+    model_name: str
+    pipe: object = None
+    load_error: Optional[str] = None
+    api_key: Optional[str] = None
+    media: MediaPolicy = field(default_factory=MediaPolicy)
+    max_body_bytes: int = 16 * 1024 * 1024
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is refused with 413 before the route reads (or
+    parses) it, from its Content-Length or, for a chunked body, as soon as the bytes received pass the limit.
+    The rest of a refused body (up to `drain` bytes) is read and dropped, never kept, so that the client,
+    still sending, gets to read the 413 instead of a reset connection."""
+
+    def __init__(self, app, limit: int, drain: int = 256 * 1024 * 1024):
+        self.app, self.limit, self.drain = app, limit, drain
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
+            await self._discard(receive, 0)
+            return await self._refuse(send)
+        seen = 0
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge()
+            return message
+
+        try:
+            await self.app(scope, limited, send)
+        except _TooLarge:
+            await self._discard(receive, seen)
+            await self._refuse(send)
+
+    async def _discard(self, receive, seen: int) -> None:
+        more = True
+        while more and seen <= self.drain:
+            message = await receive()
+            if message["type"] != "http.request":
+                return
+            seen += len(message.get("body", b""))
+            more = message.get("more_body", False)
+
+    async def _refuse(self, send):
+        body = json.dumps({"error": {"message": f"the request body is larger than the limit of {self.limit} bytes",
+                                     "type": "invalid_request_error", "param": None,
+                                     "code": "request_too_large"}}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def build_server(state: ServerState) -> FastAPI:
+    """The FastAPI app for `state` (mount the demo on it with `gr.mount_gradio_app` if wanted)."""
+    app = FastAPI(title="mmstack", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.mmstack = state
+
+    @app.exception_handler(APIError)
+    async def _api(request, e: APIError):
+        return error_response(e.status, str(e), e.kind, e.code, e.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request, e: RequestValidationError):
+        first = e.errors()[0] if e.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return error_response(400, f"{where}: {first.get('msg', 'invalid request')}", "invalid_request_error",
+                              param=where or None)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if state.api_key and request.url.path.startswith("/v1/"):
+            got = request.headers.get("authorization", "")
+            if not secrets.compare_digest(got.encode(), f"Bearer {state.api_key}".encode()):
+                return error_response(401, "invalid or missing API key (Authorization: Bearer ...)",
+                                      "authentication_error", "invalid_api_key")
+        return await call_next(request)
+
+    def ready():
+        if state.pipe is None:
+            if state.load_error:
+                raise APIError(503, f"the model failed to load: {state.load_error}", "service_unavailable")
+            raise APIError(503, "the model is loading; try again shortly", "service_unavailable", "loading")
+        return state.pipe
+
+    @app.get("/health")
+    async def health():
+        if state.pipe is None:
+            return JSONResponse({"status": "error" if state.load_error else "loading", "error": state.load_error},
+                                status_code=503)
+        return {"status": "ok", "model": state.model_name, **state.pipe.engine.load}
+
+    @app.get("/v1/models")
+    async def models():
+        ready()
+        return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
+                                            "owned_by": "mmstack"}]}
+
+    @app.post("/v1/chat/completions")
+    async def chat(req: ChatRequest):
+        return await chat_completion(ready(), state, req)
+
+    @app.post("/v1/images/generations")
+    async def images(req: ImageRequest):
+        pipe = ready()
+        return await image_generation(pipe, state, req)
+
+    return BodyLimit(app, state.max_body_bytes), app
+
+
+__all__ = ["ServerState", "build_server", "BodyLimit"]
