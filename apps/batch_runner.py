@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from .batch_inputs import Item, UsageError, iter_items
+from .model_settings import task_defaults
 from .batch_results import (find_shards, json_line, merge, parse_shard, read_results, resolve_shard, shard_path,
                             write_results)
 
@@ -265,26 +266,6 @@ def job_device(args) -> Optional[str]:
         if torch.cuda.is_available():
             return f"cuda:{int(local) % max(torch.cuda.device_count(), 1)}"
     return None
-
-
-def task_defaults(model_dir: Optional[Union[str, Path]], name: str) -> dict:
-    """The model folder's own settings for a job: `demo.json` -> `"tasks": {name: {"prompt", "max_new_tokens"}}`
-    ({} when absent; a malformed entry is ignored with a warning)."""
-    if model_dir is None or not (Path(model_dir) / "demo.json").exists():
-        return {}
-    from mmstack.io.files import read_text
-
-    try:
-        task = json.loads(read_text(Path(model_dir) / "demo.json")).get("tasks", {}).get(name, {})
-    except (ValueError, OSError, AttributeError) as e:
-        log.warning("%s/demo.json: ignored (%s)", model_dir, e)
-        return {}
-    out = {}
-    if isinstance(task, dict) and isinstance(task.get("prompt"), str) and task["prompt"].strip():
-        out["prompt"] = task["prompt"]
-    if isinstance(task, dict) and isinstance(task.get("max_new_tokens"), int) and task["max_new_tokens"] > 0:
-        out["max_new_tokens"] = task["max_new_tokens"]
-    return out
 
 
 def describe_from_args(args, name: str) -> tuple[Describe, str]:

@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `mmstack bench` flags."""
-    p.add_argument("suites", nargs="+", metavar="SUITE", help=f"one or more of {', '.join(SUITES)}, or all")
+    p.add_argument("suites", nargs="+", metavar="SUITE",
+                   help=f"one or more of {', '.join(SUITES)}, {', '.join(OWN_SUITES)}, or all")
     p.add_argument("--size", choices=SIZES, default="cpu", help="smoke (seconds), cpu (minutes), full (released dims, GPU)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
@@ -88,10 +89,41 @@ def run_suites(names: list[str], size: str = "cpu", device=None, dtype=None, aga
     return results
 
 
+# suites with their own measurement and table: engine throughput, HTTP serving
+OWN_SUITES = ("engine", "serve")
+
+
+def _own_suite(name: str, args) -> dict:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if name == "engine":
+        from . import bench_engine as mod
+    else:
+        from . import bench_serve as mod
+    result = mod.run(args.size, args.device, args.dtype, args.repeat)
+    print(mod.format_table(result))
+    print()
+    return result
+
+
 def main(args) -> int:
     """`mmstack bench`: 0 when every suite ran, 1 when a correctness gate failed."""
+    own = [n for n in args.suites if n in OWN_SUITES]
+    rest = [n for n in args.suites if n not in OWN_SUITES]
+    own_results = []
     try:
-        results = run_suites(args.suites, args.size, args.device, args.dtype, args.against, args.repeat,
+        for name in own:
+            own_results.append(_own_suite(name, args))
+    except RuntimeError as e:  # an output gate of the engine / serve suites
+        print(f"mmstack bench: correctness gate failed: {e}")
+        return 1
+    if not rest:
+        if args.json:
+            with open(args.json, "w", encoding="utf-8") as f:
+                json.dump({"results": own_results}, f, indent=2)
+        return 0
+    try:
+        results = run_suites(rest, args.size, args.device, args.dtype, args.against, args.repeat,
                              args.warmup, args.threads)
     except GateError as e:
         print(f"mmstack bench: correctness gate failed, nothing timed: {e}")
@@ -104,5 +136,5 @@ def main(args) -> int:
           f"transformers {env.get('transformers')}, {env.get('torch_threads')} threads; {env.get('date')}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
-            json.dump({"results": results}, f, indent=2)
+            json.dump({"results": own_results + results}, f, indent=2)
     return 0

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import logging
 import sys
-from pathlib import Path
 from typing import Optional
 
 from mmstack.api import CapabilityError, Pipeline
@@ -25,6 +23,7 @@ from mmstack.api import CapabilityError, Pipeline
 from .demo_gradio import gr
 from .demo_handlers import BOXES_MIN_SIDE, CHART_PROMPT, OCR_PROMPT, Handlers, to_model_messages
 from .demo_tables import chart_table, parse_markdown_table, pdf_page
+from .model_settings import CFG_DEFAULTS, CHAT_DEFAULTS, CHAT_LIMITS, SETTINGS_FILE, cfg_default, demo_settings
 
 log = logging.getLogger(__name__)
 
@@ -35,13 +34,7 @@ __all__ = ["build_app", "launch", "demo_settings", "cfg_default", "add_arguments
            "Handlers", "to_model_messages", "OCR_PROMPT", "CHART_PROMPT", "BOXES_MIN_SIDE", "parse_markdown_table",
            "chart_table", "pdf_page"]
 
-# Defaults of the official demos (VL2 web_demo.py; Janus app_januspro.py / app_janusflow.py).
-CHAT_DEFAULTS = dict(temperature=0.1, top_p=0.9, max_new_tokens=512, repetition_penalty=1.1)
-CHAT_LIMITS = dict(temperature=(0.0, 1.5), top_p=(0.05, 1.0), max_new_tokens=(1, 1 << 20), repetition_penalty=(1.0, 2.0))
-CFG_DEFAULTS = {"vq": 5.0, "flow": 2.0}
 GENERATE_EXAMPLES = ["A red apple on a wooden table", "The face of a beautiful girl", "A city skyline at night"]
-# optional, in a model folder: {"generate_examples": ["prompt", ...], "chat_sampling": {"temperature": 0, ...}}
-SETTINGS_FILE = "demo.json"
 SEED_DEFAULT = 12345
 # One model serves every tab: all model events share one queue slot.
 MODEL_QUEUE = dict(concurrency_limit=1, concurrency_id="model")
@@ -82,50 +75,6 @@ def _chat_tab(h: Handlers) -> None:
     again = regen.click(h.regenerate, [chatbot, *sampling], [chatbot, boxes], api_name="regenerate", **MODEL_QUEUE)
     stop.click(None, cancels=[asked, again])
     clear.click(h.clear, None, [chatbot, box, boxes], api_name="clear", cancels=[asked, again], queue=False)
-
-
-def _in_limits(key: str, value) -> bool:
-    if key not in CHAT_LIMITS or isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    lo, hi = CHAT_LIMITS[key]
-    return lo <= value <= hi
-
-
-def demo_settings(pipe: Pipeline) -> dict:
-    """The model folder's `demo.json`, validated: a model trained on a narrow domain (like the embedded one)
-    ships prompts it knows and the sampling it was evaluated with. The file is data: a bad file or field is
-    ignored with a warning, and the defaults apply."""
-    path = Path(pipe.source) / SETTINGS_FILE if pipe.source and Path(pipe.source).is_dir() else None
-    if path is None or not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(raw, dict):
-            raise ValueError("expected a JSON object")
-    except (OSError, ValueError) as e:
-        log.warning("%s: ignored (%s)", path, e)
-        return {}
-    out = {}
-    prompts = raw.get("generate_examples")
-    if prompts is not None:
-        if isinstance(prompts, list) and prompts and all(isinstance(x, str) and 0 < len(x) <= 500 for x in prompts):
-            out["generate_examples"] = prompts[:12]
-        else:
-            log.warning("%s: generate_examples ignored (a non-empty list of strings of 1..500 characters)", path)
-    sampling = raw.get("chat_sampling")
-    if sampling is not None:
-        if isinstance(sampling, dict) and all(_in_limits(k, v) for k, v in sampling.items()):
-            out["chat_sampling"] = {**CHAT_DEFAULTS, **sampling}
-        else:
-            log.warning("%s: chat_sampling ignored (keys %s within %s)", path, sorted(CHAT_DEFAULTS), CHAT_LIMITS)
-    return out
-
-
-def cfg_default(pipe: Pipeline, mode: str) -> float:
-    """The CFG weight the model's config recommends for `mode` (vq_head / flow_head), else the family default."""
-    head = pipe.model.cfg.parts.get("vq_head" if mode == "vq" else "flow_head")
-    weight = getattr(head, "cfg_weight", None)
-    return float(weight) if weight else CFG_DEFAULTS[mode]
 
 
 def _generate_tab(h: Handlers, modes: list[str]) -> None:

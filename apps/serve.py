@@ -45,7 +45,7 @@ def load_pipeline(args):
     from mmstack.api import default_model_dir
     from mmstack.engine import EngineConfig
 
-    from .demo import demo_settings
+    from .model_settings import demo_settings
 
     pipe = mmstack.load(args.model or default_model_dir(), device=args.device, dtype=args.dtype,
                         tokenizer=args.tokenizer, vae=args.vae)
