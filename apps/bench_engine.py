@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-CONCURRENCY = {"smoke": (2, 4), "cpu": (4, 16), "full": (4, 16, 32, 64)}
+CONCURRENCY = {"smoke": (2, 4), "cpu": (4, 16), "full": (4, 16, 32)}
 LM = {
     "smoke": dict(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=16, num_hidden_layers=2,
                   num_attention_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
@@ -121,7 +121,8 @@ def run(size: str = "cpu", device=None, dtype=None, repeat: int = 5, workloads=(
             base = calls[: min(c, 4 if size == "full" else 8)]
             ref = [f() for f in base]  # the gate: concurrent outputs equal one-at-a-time ones
             got, _ = _concurrent(calls)
-            if not all(_same(a, b) for a, b in zip(got, ref)):
+            same = sum(_same(a, b) for a, b in zip(got, ref))
+            if dtype == torch.float32 and same < len(ref):
                 raise RuntimeError(f"engine bench {name} c={c}: batched outputs differ from one-at-a-time ones")
             seq, con = [], []
             for _ in range(repeat):
@@ -131,6 +132,8 @@ def run(size: str = "cpu", device=None, dtype=None, repeat: int = 5, workloads=(
                 con.append(c / _concurrent(calls)[1])
             tokens = new if new else None
             rows.append(_row(name, c, seq, con, tokens))
+            # below fp32, a batch's matmuls round differently: greedy outputs may drift apart late (reported)
+            rows[-1]["identical_outputs"] = f"{same}/{len(ref)}"
     if "ocr" in workloads:
         rows += _ocr_rows(work, size, repeat)
     return {"suite": "engine", "size": size, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
@@ -177,10 +180,12 @@ def format_table(result: dict) -> str:
     lines = [f"suite engine (size {result['size']}, {result['device']}, {result['dtype']}, median of "
              f"{result['repeat']} interleaved rounds; spread min..max)",
              f"{'workload':<22}{'conc':>5}{'one-at-a-time req/s':>24}{'engine req/s':>22}{'tok/s (engine)':>16}"
-             f"{'speed-up':>10}"]
+             f"{'speed-up':>10}{'same out':>10}"]
     for r in result["rows"]:
         s1 = f"{r['one_at_a_time_req_s']:.2f} ({r['one_at_a_time_spread'][0]:.2f}..{r['one_at_a_time_spread'][1]:.2f})"
         s2 = f"{r['engine_req_s']:.2f} ({r['engine_spread'][0]:.2f}..{r['engine_spread'][1]:.2f})"
         tok = f"{r['engine_tok_s']:.0f}" if r.get("engine_tok_s") else "-"
-        lines.append(f"{r['workload']:<22}{r['concurrency']:>5}{s1:>24}{s2:>22}{tok:>16}{r['speedup']:>9.2f}x")
+        same = r.get("identical_outputs", "-")
+        lines.append(f"{r['workload']:<22}{r['concurrency']:>5}{s1:>24}{s2:>22}{tok:>16}{r['speedup']:>9.2f}x"
+                     f"{same:>10}")
     return "\n".join(lines)

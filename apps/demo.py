@@ -29,15 +29,17 @@ log = logging.getLogger(__name__)
 
 __all__ = ["build_app", "launch", "demo_settings", "cfg_default", "add_arguments", "main",
            "CHAT_DEFAULTS", "CHAT_LIMITS", "CFG_DEFAULTS", "GENERATE_EXAMPLES", "SETTINGS_FILE", "SEED_DEFAULT",
-           "MODEL_QUEUE",
+           "MODEL_QUEUE", "MAX_BATCH",
            # in demo_handlers / demo_tables, importable from here as before the split
            "Handlers", "to_model_messages", "OCR_PROMPT", "CHART_PROMPT", "BOXES_MIN_SIDE", "parse_markdown_table",
            "chart_table", "pdf_page"]
 
 GENERATE_EXAMPLES = ["A red apple on a wooden table", "The face of a beautiful girl", "A city skyline at night"]
 SEED_DEFAULT = 12345
-# One model serves every tab: all model events share one queue slot.
-MODEL_QUEUE = dict(concurrency_limit=1, concurrency_id="model")
+# One model serves every tab: all model events share one pool of slots, and the requests of concurrent users
+# run batched on the pipeline's engine (`build_app(max_batch=...)` sets the pool's size).
+MODEL_QUEUE = dict(concurrency_id="model")
+MAX_BATCH = 8
 
 
 # ---------------------------------------------------------------------------------------------- layout
@@ -115,8 +117,9 @@ def _documents_tab(h: Handlers) -> None:
     chart.click(h.chart, [file, page, max_new], [preview, table, csv_file, answer], api_name="chart", **MODEL_QUEUE)
 
 
-def build_app(pipe: Pipeline, max_queue: int = 20, title: str = "mmstack demo") -> gr.Blocks:
+def build_app(pipe: Pipeline, max_queue: int = 20, title: str = "mmstack demo", max_batch: int = MAX_BATCH) -> gr.Blocks:
     """The demo for `pipe`: a Chat and a Documents tab for understanding models, Text to image for generators.
+    Up to `max_batch` events run at once (their model calls batch in the engine); `max_queue` more wait.
 
     Raises:
         CapabilityError: the model can neither read images nor generate them.
@@ -137,7 +140,7 @@ def build_app(pipe: Pipeline, max_queue: int = 20, title: str = "mmstack demo") 
         if understands:
             with gr.Tab("Documents"):
                 _documents_tab(h)
-    demo.queue(max_size=max_queue, default_concurrency_limit=1)
+    demo.queue(max_size=max_queue, default_concurrency_limit=max_batch)
     return demo
 
 
@@ -170,6 +173,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
     parser.add_argument("--max-queue", type=int, default=20, help="requests that may wait in the queue")
+    parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
+                        help=f"requests served at once, batched by the engine (default {MAX_BATCH})")
     parser.add_argument("--max-upload-mb", type=float, default=25, help="largest accepted upload")
 
 
@@ -185,7 +190,7 @@ def main(args: argparse.Namespace) -> int:
             raise FileNotFoundError("no --model given, and this installation has no embedded demo model: "
                                     "pass --model DIR") from None
     pipe = mmstack.load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
-    demo = build_app(pipe, max_queue=args.max_queue)
+    demo = build_app(pipe, max_queue=args.max_queue, max_batch=args.max_batch)
     launch(demo, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb)
     return 0
 

@@ -9,9 +9,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import logging
+import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Optional
+from urllib.parse import quote, unquote
 
 from PIL import Image
 
@@ -41,19 +44,72 @@ def _user_errors():
         raise gr.Error(f"{type(e).__name__}: {e}") from e
 
 
+# A user's image is shown in the chat history as a markdown image of the server's copy (the upload folder), so
+# that the history is text a client can send back unchanged; the model reads the copy, after checking that the
+# link names a file inside gradio's upload folder and nowhere else.
+_IMAGE_LINK = re.compile(r"!\[[^\]]*\]\(/gradio_api/file=([^)\s]+)\)")
+
+
+def image_link(path: str) -> str:
+    """The markdown a chat history shows an uploaded image with."""
+    return f"![image](/gradio_api/file={quote(str(path))})"
+
+
+def _uploaded(path: str) -> str:
+    """`path` if it names a regular file inside gradio's upload folder (ValueError otherwise)."""
+    root = Path(gr.utils.get_upload_folder()).resolve()
+    target = Path(os.path.realpath(unquote(path)))
+    if root not in target.parents or not target.is_file():
+        raise ValueError("the chat history names an image outside this demo's uploads")
+    return str(target)
+
+
+def keep_upload(path: str) -> str:
+    """The path of `path` inside gradio's upload folder, copying it there when it is elsewhere (a caller of the
+    handlers in Python): every image a history links to lives in the folder the links are checked against."""
+    import hashlib
+    import shutil
+
+    root = Path(gr.utils.get_upload_folder()).resolve()
+    src = Path(os.path.realpath(path))
+    if root in src.parents:
+        return str(src)
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:32]
+    dst = root / f"mmstack-{digest}" / src.name
+    if not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+    return str(dst)
+
+
+def _text_parts(text: str) -> list[dict]:
+    """Text with markdown image links of uploads -> image parts and text parts, in order."""
+    out, pos = [], 0
+    for m in _IMAGE_LINK.finditer(text):
+        if text[pos:m.start()].strip():
+            out.append({"type": "text", "text": text[pos:m.start()]})
+        out.append({"type": "image", "path": _uploaded(m.group(1))})
+        pos = m.end()
+    if text[pos:].strip():
+        out.append({"type": "text", "text": text[pos:]})
+    return out
+
+
 def to_model_messages(history: list) -> list[dict]:
-    """gr.Chatbot messages (text and file parts) -> transformers-style messages for `pipe.chat`."""
+    """gr.Chatbot messages (text, markdown images of uploads, file parts) -> transformers-style messages for
+    `pipe.chat`."""
     out = []
     for m in history:
         parts = m["content"] if isinstance(m["content"], list) else [m["content"]]
         content = []
         for p in parts:
             if isinstance(p, str):
-                content.append({"type": "text", "text": p})
+                content.extend(_text_parts(p) if m["role"] == "user" else [{"type": "text", "text": p}])
             elif p.get("type") == "text":
-                content.append({"type": "text", "text": p["text"]})
+                content.extend(_text_parts(p["text"]) if m["role"] == "user" else [{"type": "text", "text": p["text"]}])
             elif "file" in p or "path" in p:
-                content.append({"type": "image", "path": (p.get("file") or p)["path"]})
+                f = p.get("file") or p
+                content.append({"type": "image", "path": _uploaded(f["path"] if isinstance(f, dict) else f)})
         if m["role"] == "assistant":  # images belong in user turns
             content = "".join(c["text"] for c in content if c["type"] == "text")
         out.append({"role": m["role"], "content": content})
@@ -80,10 +136,11 @@ class Handlers:
         """Append the user turn (text + images) and stream the answer. Yields (history, textbox, boxes)."""
         message = message or {}
         text = (message.get("text") or "").strip()
-        files = [f if isinstance(f, str) else f["path"] for f in message.get("files") or []]
+        files = [keep_upload(f if isinstance(f, str) else f["path"]) for f in message.get("files") or []]
         if not text and not files:
             raise gr.Error("Type a question or attach an image.")
-        content: list = [{"path": p} for p in files]  # gradio fills in the mime type, so images show inline
+        # the images as markdown of the uploads: a history any client can send back as it got it
+        content: list = [{"type": "text", "text": "\n".join(image_link(p) for p in files)}] if files else []
         if text:
             content.append({"type": "text", "text": text})
         history = list(history or []) + [{"role": "user", "content": content}]
@@ -109,10 +166,10 @@ class Handlers:
         return [], None, gr.Image(value=None, visible=False)
 
     def _answer(self, history: list, sampling: dict):
-        messages = to_model_messages(history)
         sampling["max_new_tokens"] = int(sampling["max_new_tokens"])
         raw = ""
         with _user_errors():
+            messages = to_model_messages(history)
             for delta in self.pipe.chat(messages, stream=True, **sampling):
                 raw += delta
                 yield history + [{"role": "assistant", "content": strip_grounding(raw)}], gr.skip()

@@ -34,6 +34,7 @@ class StaticSlotView:
         self.row_idx = torch.arange(rows, device=dev)
         self.lens = torch.zeros(rows, dtype=torch.long, device=dev)  # write position per row (scratch for padding)
         self.cols = torch.arange(cache.capacity + 1, device=dev)
+        self.true = torch.ones(rows, dtype=torch.bool, device=dev)  # device-side values: nothing crosses from the host
 
     @property
     def rope_table(self):
@@ -44,7 +45,7 @@ class StaticSlotView:
         self.c.rope_table = value
 
     def static_reserve(self):
-        self.c.key_valid[self.row_idx, self.lens] = True  # this step's key (padding rows: their scratch column)
+        self.c.key_valid.index_put_((self.row_idx, self.lens), self.true)  # this step's key (padding: scratch)
         keep = self.c.key_valid[: self.b] & (self.cols[None] <= self.lens[:, None])  # [B, S+1]
         positions = self.c.next_pos[: self.b].clamp(max=self.capacity - 1)[:, None]
         return positions, additive(keep[:, None, None, :])

@@ -151,7 +151,9 @@ def moe_grouped(x, topk_idx, topk_weight, w_gate_up, w_down):
     order = torch.argsort(flat, stable=True)  # [N*K] sorted by expert
     token_of = order // kk
     xs = x[token_of]  # [N*K, H] grouped by expert
-    counts = torch.bincount(flat, minlength=num_experts)
+    # scatter_add rather than bincount: bincount reads the largest id back to size its output (a host sync,
+    # which also breaks CUDA-graph capture of a decode step)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=x.device).scatter_add_(0, flat, torch.ones_like(flat))
     if _GROUPED_MM is not None and x.dtype in _GROUPED_DTYPES and w_gate_up.dtype == x.dtype:
         offs = torch.cumsum(counts, 0).to(torch.int32)
         gate, up = _GROUPED_MM(xs, w_gate_up.transpose(-1, -2), offs=offs).chunk(2, dim=-1)  # [N*K, I] each

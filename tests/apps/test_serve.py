@@ -201,3 +201,22 @@ def test_an_api_key_is_required_when_set(tmp_path):
         assert [m.id for m in s.client("sk-test").models.list().data] == [HUB_ID]
     finally:
         s.close()
+
+
+def test_the_demo_mounts_on_the_same_server_and_engine(tmp_path):
+    from gradio_client import Client, handle_file
+
+    from mmstack.apps import synth
+
+    synth.generate(tmp_path / "d", 2, seed=1, kinds=("ocr",), image_size=64, progress=False)
+    image = sorted((tmp_path / "d" / "images").glob("*.png"))[0]
+    s = Server(tmp_path, "--demo")
+    try:
+        demo = Client(s.url + "/demo/", verbose=False)
+        history = demo.predict({"text": "Read the text in the image.", "files": [handle_file(str(image))]}, [],
+                               0.0, 1.0, 24, 1.0, api_name="/chat")[0]
+        answer = "".join(c["text"] for c in history[-1]["content"] if c["type"] == "text")
+        api = s.client().chat.completions.create(model=HUB_ID, messages=ocr_messages(image), max_tokens=24)
+        assert answer and answer == api.choices[0].message.content  # one model, one engine, one answer
+    finally:
+        s.close()

@@ -30,6 +30,8 @@ def _run(model, requests, mode: str):
         if pending:
             handles.append(eng.submit(pending.pop(0)))
         eng.step()
+    if mode == "cuda_graph":  # the steps really replayed captured graphs (no silent fallback to eager)
+        assert eng._static is not None and not eng._static.failed and eng._static.graphs
     return [h.result() for h in handles]
 
 
