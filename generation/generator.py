@@ -23,7 +23,8 @@ def generation_prompt_ids(tokenizer, chat, prompt: str, mode: str) -> list[int]:
     """The official generation prompt: chat template without system prompt + the start tag, with BOS."""
     tag = chat.image_start_tag if mode == "vq" else (chat.gen_tag or chat.image_start_tag)
     tokenizer.token_id(tag)  # a clear error if the tokenizer lacks it
-    text = chat.prompt([{"role": "user", "content": prompt}], system_prompt="").strip() + tag
+    content = tokenizer.protect(prompt) if hasattr(tokenizer, "protect") else prompt  # user text stays text
+    text = chat.prompt([{"role": "user", "content": content}], system_prompt="").strip() + tag
     return tokenizer.encode(text)
 
 

@@ -13,6 +13,10 @@ from typing import Iterable, Optional, Sequence, Union
 from .errors import TokenizerError  # noqa: F401  (re-exported)
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+# `protect` wraps a span of user text as OPEN + hex(utf-8) + CLOSE (private-use characters); `encode` turns such a
+# span into plain-text tokens. So chat templates insert special tokens, and user text never does.
+OPEN, CLOSE = "\ue000", "\ue001"
+_MARKED = re.compile(OPEN + "([0-9a-f]*)" + CLOSE)
 
 
 def _token_content(value) -> Optional[str]:
@@ -104,9 +108,41 @@ class Tokenizer:
     def special_ids(self) -> set[int]:
         return {t.id if hasattr(t, "id") else k for k, t in self.tk.get_added_tokens_decoder().items() if t.special}
 
+    # --------------------------------------------------------------------------- user text
+    def protect(self, text: str) -> str:
+        """Mark every added-token string in user text (`<|User|>`, the end of sentence, `<image>` ...) so that
+        `encode` tokenizes it as plain text: a message cannot forge a turn, an end or an image slot."""
+        if not isinstance(text, str):
+            return text
+        return self._specials_re().sub(lambda m: OPEN + m.group(0).encode("utf-8").hex() + CLOSE, text)
+
+    def _specials_re(self) -> "re.Pattern":
+        if getattr(self, "_specials", None) is None:
+            words = sorted({t.content for t in self.tk.get_added_tokens_decoder().values() if t.content}, key=len,
+                           reverse=True)
+            self._specials = re.compile("|".join([re.escape(w) for w in words] + [f"[{OPEN}{CLOSE}]"]))
+        return self._specials
+
+    def _plain(self):
+        """A copy of the tokenizer that reads added-token strings as ordinary text."""
+        if getattr(self, "_plain_tk", None) is None:
+            from tokenizers import Tokenizer as _Tk
+
+            tk = _Tk.from_str(self.tk.to_str())
+            tk.encode_special_tokens = True
+            self._plain_tk = tk
+        return self._plain_tk
+
     # --------------------------------------------------------------------------- encode / decode
+    def _raw(self, tk, text: str) -> list[int]:
+        try:
+            return tk.encode(text, add_special_tokens=False).ids
+        except TypeError:  # tokenizers refuses strings that are not valid UTF-8 (lone surrogates)
+            return tk.encode(_SURROGATE.sub("\ufffd", text), add_special_tokens=False).ids
+
     def encode(self, text: str, bos: Optional[bool] = None, eos: bool = False) -> list[int]:
-        """Token ids of `text` (BOS per `add_bos_token` unless `bos` says otherwise, EOS when asked).
+        """Token ids of `text` (BOS per `add_bos_token` unless `bos` says otherwise, EOS when asked). Spans
+        marked by `protect` (user text inside a template) are tokenized as plain text.
 
         Lone surrogates (JSON allows `"\\ud800"`, which is not valid Unicode text) become U+FFFD.
 
@@ -115,10 +151,15 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TokenizerError(f"can only encode text (str), got {type(text).__name__}")
-        try:
-            ids = self.tk.encode(text, add_special_tokens=False).ids
-        except TypeError:  # tokenizers refuses strings that are not valid UTF-8 (lone surrogates)
-            ids = self.tk.encode(_SURROGATE.sub("\ufffd", text), add_special_tokens=False).ids
+        if OPEN not in text:
+            ids = self._raw(self.tk, text)
+        else:
+            ids, pieces = [], _MARKED.split(text)  # text, hex, text, hex, ..., text
+            for k, piece in enumerate(pieces):
+                if k % 2 == 0:
+                    ids += self._raw(self.tk, piece) if piece else []
+                else:
+                    ids += self._raw(self._plain(), bytes.fromhex(piece).decode("utf-8", "replace"))
         if (self.add_bos if bos is None else bos) and self.bos_id is not None:
             ids = [self.bos_id] + ids
         if eos and self.eos_id is not None:

@@ -51,7 +51,9 @@ class ImagePolicy:
         exif_transpose: apply the EXIF Orientation tag.
         background: RGB colour under transparent pixels when `composite_alpha`.
         max_pixels: largest accepted width * height, checked before decoding.
-        max_bytes: largest accepted size of `bytes` and file-object inputs (paths are not limited).
+        max_bytes: largest accepted size of a file, `bytes` or file-object input.
+        max_request_pixels: largest width * height summed over the images of one request (`load_images`),
+            checked from every image's header before any is decoded.
         scale_high_bit_depth: scale 16-bit / float files to 8 bits; False converts them as PIL
             `convert("RGB")` does (clipping), as the official loaders.
     """
@@ -62,12 +64,19 @@ class ImagePolicy:
     background: tuple[int, int, int] = (127, 127, 127)
     max_pixels: int = 64_000_000
     max_bytes: int = 64 * 1024 * 1024
+    max_request_pixels: int = 96_000_000
 
     def __post_init__(self):
         if len(self.background) != 3 or not all(0 <= int(c) <= 255 for c in self.background):
             raise ValueError(f"background must be three values in 0..255, got {self.background!r}")
-        if self.max_pixels <= 0 or self.max_bytes <= 0:
-            raise ValueError(f"max_pixels and max_bytes must be positive, got {self.max_pixels}, {self.max_bytes}")
+        if self.max_pixels <= 0 or self.max_bytes <= 0 or self.max_request_pixels <= 0:
+            raise ValueError(f"max_pixels, max_bytes and max_request_pixels must be positive, got {self.max_pixels}, "
+                             f"{self.max_bytes}, {self.max_request_pixels}")
+
+
+# The formats the intake decodes. Others are refused before PIL opens them: some decoders allocate the whole
+# image while opening (ICO decodes its largest frame in `Image.open`), before any size check could run.
+FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 
 OFFICIAL = ImagePolicy(composite_alpha=False, exif_transpose=False, scale_high_bit_depth=False)
@@ -98,7 +107,7 @@ def load_image(src: ImageSource, policy: ImagePolicy = NATIVE, **overrides) -> I
         with _decoding("<PIL image>", policy):  # a lazily opened image may still fail to decode
             return _convert(src, policy)
     if isinstance(src, (str, os.PathLike)):
-        return _open(str(src), _checked_path(src), policy)
+        return _open(str(src), _checked_path(src, policy), policy)
     if isinstance(src, (bytes, bytearray, memoryview)):
         name = f"<bytes {len(src)}>"
         _check_bytes(name, len(src), policy)
@@ -114,20 +123,62 @@ def load_image(src: ImageSource, policy: ImagePolicy = NATIVE, **overrides) -> I
 
 
 def load_images(srcs: Sequence[ImageSource], policy: ImagePolicy = NATIVE, **overrides) -> list[Image.Image]:
-    """`load_image` over a sequence, same policy and overrides for each; raises on the first failure."""
-    return [load_image(s, policy, **overrides) for s in srcs]
+    """`load_image` over a sequence, same policy and overrides for each; raises on the first failure.
+
+    The pixels of all images together are checked against `max_request_pixels` from their headers before any
+    is decoded (16 images each within the per-image limits may still be too many for one request).
+    """
+    policy = dataclasses.replace(policy, **overrides) if overrides else policy
+    if len(srcs) > 1:
+        total = sum(w * h for w, h in (image_size(s, policy) for s in srcs))
+        if total > policy.max_request_pixels:
+            raise ImageError(f"the request's {len(srcs)} images have {total} pixels together; the limit is "
+                             f"max_request_pixels={policy.max_request_pixels}")
+    return [load_image(s, policy) for s in srcs]
 
 
-def _checked_path(src) -> Path:
+def image_size(src: ImageSource, policy: ImagePolicy = NATIVE) -> tuple[int, int]:
+    """(width, height) of an input from its header, without decoding pixels. Raises ImageError."""
+    if isinstance(src, Image.Image):
+        return src.size
+    if isinstance(src, np.ndarray):
+        return (src.shape[1], src.shape[0]) if src.ndim >= 2 else (0, 0)
+    if hasattr(src, "detach") and hasattr(src, "numpy"):
+        return _tensor_to_hwc(src).shape[1::-1]
+    if isinstance(src, (str, os.PathLike)):
+        fp, name = _checked_path(src, policy), str(src)
+    elif isinstance(src, (bytes, bytearray, memoryview)):
+        name = f"<bytes {len(src)}>"
+        _check_bytes(name, len(src), policy)
+        fp = io.BytesIO(bytes(src))
+    elif hasattr(src, "read"):
+        name = str(getattr(src, "name", f"<{type(src).__name__}>"))
+        fp = _seekable(name, src, policy)
+        start = fp.tell()
+    else:
+        raise ImageError(f"<{type(src).__name__}>: unsupported image input type")
+    size = _webp_size(_peek(name, fp, 30))
+    if size is None:
+        with _decoding(name, policy), Image.open(fp, formats=FORMATS) as im:
+            size = im.size
+    if hasattr(src, "read"):
+        fp.seek(start)
+    return size
+
+
+def _checked_path(src, policy: ImagePolicy) -> Path:
+    """A path to a regular file (a FIFO, device or socket is refused before it is opened) within max_bytes."""
     path = Path(src)
     try:
         exists, is_file = path.exists(), path.is_file()
+        size = path.stat().st_size if is_file else 0
     except (OSError, ValueError) as e:  # a name too long for the file system, an embedded NUL byte
         raise ImageError(f"{str(path)[:200]}: not a usable path ({type(e).__name__})") from None
     if not exists:
         raise ImageError(f"{path}: no such file")
     if not is_file:
         raise ImageError(f"{path}: not a regular file")
+    _check_bytes(str(path), size, policy)
     return path
 
 
@@ -161,7 +212,7 @@ def _open(name: str, fp, policy: ImagePolicy) -> Image.Image:
     size = _webp_size(_peek(name, fp, 30))
     if size is not None:  # libwebp allocates the whole canvas while PIL opens the file: check before that
         _check_pixels(name, size, policy)
-    with _decoding(name, policy), Image.open(fp) as im:
+    with _decoding(name, policy), Image.open(fp, formats=FORMATS) as im:
         _check_pixels(name, im.size, policy)
         im.load()
         return _convert(im, policy)
@@ -213,7 +264,7 @@ def _decoding(name: str, policy: ImagePolicy):
     except Image.DecompressionBombError as e:
         raise ImageError(f"{name}: exceeds the pixel limit (max_pixels={policy.max_pixels}; PIL: {e})") from e
     except Image.UnidentifiedImageError as e:
-        raise ImageError(f"{name}: cannot decode: not a recognised image format") from e
+        raise ImageError(f"{name}: cannot decode: not a recognised image format (supported: {', '.join(FORMATS)})") from e
     except PermissionError as e:
         raise ImageError(f"{name}: cannot read file ({e})") from e
     except OSError as e:

@@ -76,8 +76,11 @@ def _part_image(part: dict, i: int, allow_remote: bool):
 
 
 def split_messages(messages: Sequence[dict], image_tag: str, max_images: int,
-                   allow_remote: bool = False) -> tuple[list[dict], list]:
+                   allow_remote: bool = False, protect=None) -> tuple[list[dict], list]:
     """Messages -> (text messages with `image_tag` + newline per image, image sources in order).
+
+    `protect` (the tokenizer's) marks special-token strings inside the messages' own text, so that only the
+    tags inserted here (and the chat template's) become special tokens.
 
     Raises:
         ValueError: a malformed message or part (named by index), an image outside a user turn, or more
@@ -92,8 +95,9 @@ def split_messages(messages: Sequence[dict], image_tag: str, max_images: int,
         role, content = m["role"], m["content"]
         if role not in ROLES:
             raise ValueError(f"message {i}: role must be user, assistant or system, got {role!r:.40}")
+        protect_text = protect or (lambda t: t)
         if isinstance(content, str):
-            text = content
+            text = protect_text(content)
         elif isinstance(content, (list, tuple)):
             text = ""
             for part in content:
@@ -103,7 +107,7 @@ def split_messages(messages: Sequence[dict], image_tag: str, max_images: int,
                 if kind == "text":
                     if not isinstance(part.get("text", ""), str):
                         raise ValueError(f"message {i}: a text part's 'text' must be a str")
-                    text += part.get("text", "")
+                    text += protect_text(part.get("text", ""))
                 elif kind in ("image", "image_url"):
                     if role != "user":
                         raise ValueError(f"message {i}: images belong in user turns")

@@ -144,8 +144,26 @@ def tile_image(img: Image.Image, cfg: TilingConfig, tiles_wh: tuple[int, int]) -
     if img.mode != "RGB":
         raise ValueError(f"tile_image: expected an RGB image, got mode {img.mode!r}; use img.convert('RGB')")
     S, (tw, th) = cfg.image_size, tiles_wh
-    glob = to_tensor(ImageOps.pad(img, (S, S), color=cfg.pad_color), cfg)  # [3, S, S]
-    local = to_tensor(ImageOps.pad(img, (tw * S, th * S), color=cfg.pad_color), cfg)  # [3, th*S, tw*S]
+    glob = to_tensor(pad(img, (S, S), cfg.pad_color), cfg)  # [3, S, S]
+    local = to_tensor(pad(img, (tw * S, th * S), cfg.pad_color), cfg)  # [3, th*S, tw*S]
     # elementwise transforms commute with cropping, so crop the tensor: tile k is at row k // tw, col k % tw
     local = local.view(3, th, S, tw, S).permute(1, 3, 0, 2, 4).reshape(th * tw, 3, S, S)
     return torch.cat([glob[None], local], dim=0)
+
+
+def pad(img: Image.Image, size: tuple[int, int], color) -> Image.Image:
+    """`ImageOps.pad` (the official resize + centre), except that an image too thin to keep one pixel across
+    after the resize (a 1 x 5000 strip) is first widened to the least width that keeps one: the official
+    code fails there; everything else is exactly `ImageOps.pad`.
+
+    Examples:
+        >>> pad(Image.new("RGB", (1, 5000)), (384, 384), (127, 127, 127)).size
+        (384, 384)
+    """
+    w, h = img.size
+    if w / h > size[0] / size[1]:  # fitted by width: the height shrinks by size[0] / w
+        if round(h / w * size[0]) < 1:
+            img = img.resize((w, math.ceil(0.5 * w / size[0]) + 1), Image.BICUBIC)
+    elif w / h < size[0] / size[1] and round(w / h * size[1]) < 1:
+        img = img.resize((math.ceil(0.5 * h / size[1]) + 1, h), Image.BICUBIC)
+    return ImageOps.pad(img, size, color=color)

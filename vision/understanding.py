@@ -70,7 +70,7 @@ class Understanding:
     def split(self, messages: Sequence[dict], max_images: int = MAX_IMAGES, allow_remote: bool = False
               ) -> tuple[list[dict], list]:
         """transformers-style messages -> template messages with image tags, and the image sources in order."""
-        return split_messages(messages, self.chat_cfg.image_tag, max_images, allow_remote)
+        return split_messages(messages, self.chat_cfg.image_tag, max_images, allow_remote, self.tokenizer.protect)
 
     def load_images(self, sources: Sequence) -> list[Image.Image]:
         return image_io.load_images(sources, self.policy)
