@@ -191,7 +191,21 @@ def _manifest_items(p: str) -> Iterator[Item]:
                    answer=row.get("answer"))
 
 
+MANIFEST_MAX_BYTES = 1 << 30  # a CSV manifest is read whole; a JSONL one streams (and may be larger)
+
+
+def _regular(p: str, max_bytes: Optional[int] = None) -> None:
+    """A manifest must be a regular file: a FIFO or a device behind the name would hang or never end."""
+    from mmstack.io.files import UnsafeFileError, check_regular
+
+    try:
+        check_regular(p, "manifest", max_bytes)
+    except UnsafeFileError as e:
+        raise UsageError(str(e)) from None
+
+
 def _jsonl_rows(p: str) -> Iterator[tuple[int, dict, Optional[str]]]:
+    _regular(p)
     with open(p, "rb") as f:
         for line, raw in enumerate(f, 1):
             try:
@@ -214,6 +228,7 @@ _BAD_UTF8 = re.compile("[\udc80-\udcff]")
 
 def _csv_rows(p: str) -> Iterator[tuple[int, dict, Optional[str]]]:
     # Decoded with surrogate escapes so one bad record (quoted answers may span lines) is reported alone.
+    _regular(p, MANIFEST_MAX_BYTES)
     text = Path(p).read_bytes().decode("utf-8", "surrogateescape").lstrip("\ufeff")
     # No field can be longer than the file: lift csv's 128 KiB default so a long answer is not "malformed"
     # (which would skip the rest of the manifest). The limit is process-wide; it only ever grows here.

@@ -42,11 +42,28 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
     """
     from mmstack.io.checkpoint import CheckpointError
 
+    from mmstack.io.files import UnsafeFileError, check_regular
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        check_regular(path, "checkpoint")
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
     except Exception as e:
         raise CheckpointError(f"{path}: cannot resume from it: not a checkpoint torch.load(weights_only=True) "
                               f"accepts ({type(e).__name__}: {str(e)[:300]})") from None
+    missing = [k for k in CHECKPOINT_KEYS if not isinstance(saved, dict) or k not in saved]
+    if missing:
+        what = type(saved).__name__ if not isinstance(saved, dict) else f"a dict without {missing}"
+        raise CheckpointError(f"{path}: cannot resume from it: expected a training checkpoint, got {what}")
+    state = saved["state"]
+    if (not isinstance(state, dict) or not isinstance(state.get("step"), int) or not isinstance(state.get("pos"), dict)
+            or not all(isinstance(v, int) and v >= 0 for v in state["pos"].values())):
+        raise CheckpointError(f"{path}: cannot resume from it: its 'state' entry is damaged ({str(state)[:120]})")
+    return saved
+
+
+CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "rng", "state")
 
 
 def truncate_metrics(path: Path, step: int) -> None:
@@ -54,10 +71,11 @@ def truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     keep = []
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
-            if json.loads(line)["step"] <= step:
+            rec = json.loads(line)
+            if isinstance(rec, dict) and isinstance(rec.get("step"), int) and rec["step"] <= step:
                 keep.append(line)
-        except (ValueError, KeyError):
-            continue  # a line cut by a kill
+        except (ValueError, RecursionError):
+            continue  # a line cut by a kill, or damaged: dropped
     atomic_write_text(path, "".join(k + "\n" for k in keep))  # a kill now must not lose earlier lines

@@ -319,9 +319,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception as e:  # one line for users; --verbose shows the traceback
         if args.verbose:
             raise
-        msg = str(e).splitlines()[0] if str(e) else ""
-        print(f"mmstack {args.command}: error: {type(e).__name__}: {msg}", file=sys.stderr)
+        print(error_text(args.command, e), file=sys.stderr)
         return 1
+
+
+def error_text(command: str, e: BaseException) -> str:
+    """One line per error; a data error keeps its `file:line` list (the message already caps it at 20 + a count)."""
+    from mmstack.apps.data import DataError
+
+    lines = str(e).splitlines() or [""]
+    head = f"mmstack {command}: error: {type(e).__name__}: {lines[0]}"
+    return "\n".join([head, *lines[1:22]]) if isinstance(e, DataError) else head
 
 
 if __name__ == "__main__":

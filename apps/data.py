@@ -36,8 +36,17 @@ class Example:
         return self.prompt is not None
 
 
+JSON_MAX_BYTES = 1 << 30  # a .json file is parsed whole; .jsonl streams line by line
+
+
 def _records(path: Path) -> Iterator[tuple[int, object]]:
     """(line number, parsed object) for JSONL, or (1-based index, item) for a JSON list/object."""
+    from mmstack.io.files import UnsafeFileError, check_regular
+
+    try:  # a FIFO or a device behind the name would hang or never end
+        check_regular(path, "data file", None if path.suffix == ".jsonl" else JSON_MAX_BYTES)
+    except UnsafeFileError as e:
+        raise DataError(str(e)) from None
     if path.suffix == ".jsonl":
         with open(path, "rb") as f:
             for n, raw in enumerate(f, 1):
@@ -92,8 +101,10 @@ def _normalise(obj, base: Path, where: str, idx: int) -> Example:
     return Example(ex_id, where, messages=msgs, images=paths, task=obj.get("task"))
 
 
-def problems(ex: Example, check_images: bool = True) -> list[str]:
-    """What is wrong with an example (empty list when it is usable)."""
+def problems(ex: Example, check_images: bool = True, fits=None) -> list[str]:
+    """What is wrong with an example (empty list when it is usable). Images are decoded as training decodes
+    them (`mmstack.vision.image_io`, its limits included), so a truncated or corrupt file is found here, not
+    at the step that would load it; `fits(example) -> problem or None` checks it against the model."""
     out = []
     if ex.is_t2i:
         if not ex.prompt.strip():
@@ -110,7 +121,7 @@ def problems(ex: Example, check_images: bool = True) -> list[str]:
         if any(not m["content"].strip() for m in answers):
             out.append("empty assistant turn")
     if check_images:
-        from PIL import Image
+        from mmstack.vision.image_io import ImageError, load_image
 
         for p in ex.images:
             try:
@@ -122,14 +133,17 @@ def problems(ex: Example, check_images: bool = True) -> list[str]:
                 out.append(f"missing image {p}")
                 continue
             try:
-                with Image.open(p) as im:
-                    im.verify()
-            except Exception as e:  # any decoder failure is "unreadable"
-                out.append(f"unreadable image {p} ({type(e).__name__})")
+                load_image(p)
+            except ImageError as e:  # truncated, corrupt, too large, not an image
+                out.append(f"unreadable image: {e}")
+    if not out and fits is not None:
+        issue = fits(ex)
+        if issue:
+            out.append(issue)
     return out
 
 
-def load_examples(paths: Union[str, Path, list], skip_bad: bool = False, check_images: bool = True
+def load_examples(paths: Union[str, Path, list], skip_bad: bool = False, check_images: bool = True, fits=None
                   ) -> tuple[list[Example], list[str]]:
     """Read and validate data files. Returns (examples, skipped problems).
 
@@ -151,7 +165,7 @@ def load_examples(paths: Union[str, Path, list], skip_bad: bool = False, check_i
                 if isinstance(obj, DataError):
                     raise obj
                 ex = _normalise(obj, path.parent, where, n)
-                issues = problems(ex, check_images)
+                issues = problems(ex, check_images, fits)
             except DataError as e:
                 issues = [str(e)]
             if issues:

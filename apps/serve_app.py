@@ -21,6 +21,7 @@ from typing import Optional
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .serve_errors import APIError, error_response
 from .serve_handlers import chat_completion, image_generation
@@ -107,6 +108,12 @@ def build_server(state: ServerState) -> FastAPI:
     @app.exception_handler(APIError)
     async def _api(request, e: APIError):
         return error_response(e.status, str(e), e.kind, e.code, e.param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request, e: StarletteHTTPException):  # unreadable bodies, unknown routes: the same error shape
+        kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
+                 405: "invalid_request_error", 413: "invalid_request_error"}
+        return error_response(e.status_code, str(e.detail), kinds.get(e.status_code, "server_error"))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request, e: RequestValidationError):

@@ -133,7 +133,43 @@ def _split(examples, fraction: float, seed: int):
 
 
 def run(args: TrainArgs) -> Path:
-    """Train; returns the output folder, whose `model/` is a native mmstack model `mmstack.load` reads."""
+    """Train; returns the output folder, whose `model/` is a native mmstack model `mmstack.load` reads.
+
+    Rank 0 holds the run folder's lock for the whole run: a second run on the same `--out` is refused, naming the
+    holder's PID (`mmstack.io.lock`)."""
+    rank, _ = dist_info()
+    if rank != 0:
+        return _run(args)
+    from mmstack.io.atomic import clean_stale_temps
+    from mmstack.io.lock import exclusive_lock
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(out / ".lock", what=f"the run folder {out}"):
+        for folder in (out, out / "checkpoint"):  # temporary files of saves a kill interrupted
+            clean_stale_temps(folder)
+        return _run(args)
+
+
+def _fits(pipe):
+    """A check of one example's prompt against the model: its length (text and image tokens, from the image
+    headers, without decoding) within the context, and its images within the per-request limit."""
+    u = pipe.understanding
+
+    def check(ex) -> Optional[str]:
+        if ex.is_t2i or u is None:
+            return None
+        if len(ex.images) > pipe.max_images:
+            return f"{len(ex.images)} images; the limit is {pipe.max_images} per example"
+        n = u.count_tokens(ex.messages, ex.images)
+        if n > pipe.context:
+            return f"{n} tokens with its images; the model context is {pipe.context}"
+        return None
+
+    return check
+
+
+def _run(args: TrainArgs) -> Path:
     import mmstack
     from mmstack.loading import save_pretrained
 
@@ -155,7 +191,7 @@ def run(args: TrainArgs) -> Path:
     pipe = mmstack.load(args.model, device=device, dtype=torch.float32, tokenizer=args.tokenizer)
     model = pipe.model.train()
     model.language.gradient_checkpointing = args.gradient_checkpointing
-    examples, skipped = load_examples(args.data, skip_bad=args.skip_bad)
+    examples, skipped = load_examples(args.data, skip_bad=args.skip_bad, fits=_fits(pipe))
     if skipped and rank == 0:
         log.warning("skipped %d bad example(s)", len(skipped))
     und = [e for e in examples if not e.is_t2i]

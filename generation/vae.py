@@ -45,7 +45,15 @@ def load_vae(path: Union[str, Path], device=None, dtype=torch.float32):
         raise FileNotFoundError(f"{path}: no VAE found (vae/config.json + diffusion_pytorch_model.safetensors, "
                                 "or vae_config.json + vae.safetensors)")
     cfg_file, weights = found
-    cfg = {k: v for k, v in json.loads(cfg_file.read_text()).items() if not k.startswith("_")}
+    from mmstack.io.files import UnsafeFileError, read_text
+
+    try:
+        raw = json.loads(read_text(cfg_file, what="VAE config"))
+    except (UnsafeFileError, ValueError, RecursionError) as e:
+        raise CheckpointError(f"{cfg_file}: not a readable VAE config ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file}: the VAE config is not a JSON object")
+    cfg = {k: v for k, v in raw.items() if not k.startswith("_")}
     vae = AutoencoderKL.from_config(cfg)
     check_safetensors(weights)
     missing, unexpected = vae.load_state_dict(load_file(weights), strict=False)

@@ -68,14 +68,46 @@ def load_model(model_dir: Union[str, Path], device=None, dtype=None, cfg: Option
         cfg = cfg.only(parts)
     device = torch.device(device) if device is not None else default_device()
     dtype = resolve_dtype(dtype) or default_dtype(device)
-    model = build_model(cfg, "meta")
     files = find_weight_files(model_dir)
+    check_against_checkpoint(cfg, files, model_dir)  # before any module is built
+    model = build_model(cfg, "meta")
     try:
         load_weights(model, files, key_table(cfg.source_format), dtype=dtype, device=device, strict=parts is None)
     except CheckpointError as e:
         raise CheckpointError(f"{model_dir}: {e}") from None
     model.language.fuse_projections()
     return model.eval()
+
+
+def check_against_checkpoint(cfg: ModelConfig, files: list, where) -> None:
+    """Cross-check the config's depth with the checkpoint, from the safetensors headers only (nothing allocated,
+    nothing built): a config naming more or fewer decoder layers than the checkpoint holds is a `ConfigError`
+    naming both, before a model of that depth is built. (Every other shape is compared key by key, with the
+    full listing of what differs, when the weights load.)
+    """
+    import re
+
+    from .errors import ConfigError
+
+    table = key_table(cfg.source_format)
+    layers = set()
+    layer_re = re.compile(r"language\.layers\.(\d+)\.")
+    for f in files:
+        if Path(f).suffix != ".safetensors":
+            return  # `.bin` shapes are known only once loaded: load_weights checks them then
+        for key, info in check_safetensors(f).items():
+            if key == "__metadata__":
+                continue
+            slot = table.to_internal(key)
+            if slot is None:
+                continue
+            m = layer_re.match(slot.name)
+            if m:
+                layers.add(int(m.group(1)))
+    lm = cfg.language
+    if layers and len(layers) != lm.num_layers:
+        raise ConfigError(f"{where}: config.json says {lm.num_layers} decoder layers, but the checkpoint holds "
+                          f"{len(layers)} (indices {min(layers)}..{max(layers)})")
 
 
 def checkpoint_dtype(model_dir: Union[str, Path]) -> Optional[torch.dtype]:

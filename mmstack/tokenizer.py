@@ -47,20 +47,26 @@ class Tokenizer:
         """Load `path/tokenizer.json` (or `path` itself if it is the json) with its tokenizer_config.json."""
         from tokenizers import Tokenizer as _Tk
 
+        from .io.files import UnsafeFileError, read_text
+
         p = Path(path)
-        file = p if p.is_file() else p / "tokenizer.json"
+        file = p if p.is_file() or (p.exists() and not p.is_dir()) else p / "tokenizer.json"
         if not file.exists():
             raise TokenizerError(f"{p}: no tokenizer.json found")
-        try:
-            tk = _Tk.from_file(str(file))
+        try:  # a bounded regular file: a FIFO or /dev/zero behind the name is refused before reading
+            tk = _Tk.from_str(read_text(file, what="tokenizer.json"))
+        except UnsafeFileError as e:
+            raise TokenizerError(str(e)) from None
         except Exception as e:
-            raise TokenizerError(f"{file}: cannot read tokenizer ({e})") from None
+            raise TokenizerError(f"{file}: cannot read tokenizer ({type(e).__name__}: {str(e)[:200]})") from None
         cfg: dict = {}
         for name in ("special_tokens_map.json", "tokenizer_config.json"):
             f = file.parent / name
             if f.exists():
                 try:
-                    data = json.loads(f.read_text(encoding="utf-8"))
+                    data = json.loads(read_text(f, what=name))
+                except UnsafeFileError as e:
+                    raise TokenizerError(str(e)) from None
                 except (ValueError, RecursionError) as e:
                     raise TokenizerError(f"{f}: invalid JSON ({type(e).__name__}: {e})") from None
                 if not isinstance(data, dict):

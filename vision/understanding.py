@@ -103,6 +103,17 @@ class Understanding:
                     for conv, srcs in zip(conversations, images)]
         return self._process(prepared, None, training)
 
+    def count_tokens(self, messages: Sequence[dict], images: Sequence, tag: str = "<image>") -> int:
+        """Prompt tokens (image slots included) of a training conversation, from the images' headers only (no
+        pixels decoded): bounds an example against the context before training loads it."""
+        family = self.chat_cfg.image_tag
+        msgs = [{"role": m["role"], "content": str(m["content"]).replace(tag, family)} for m in messages]
+        if self.ip.kind == "vl2_tiling":
+            sizes = [tuple(image_io.image_size(im, self.policy)) for im in images]
+            return len(self.processor.tokenize(msgs, sizes, inference_mode=False).input_ids)
+        system = msgs[0]["content"] if msgs and msgs[0]["role"] == "system" else None
+        return len(self.processor.tokens(msgs[1:] if system is not None else msgs, system))
+
     def _process(self, prepared, prompt_limit, training):
         imgs = [self.load_images(srcs) for _, srcs in prepared]
         if self.ip.kind == "vl2_tiling":

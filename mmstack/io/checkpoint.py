@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import CheckpointError
 from .atomic import atomic_path
+from .files import UnsafeFileError, check_regular, read_text
 from .keymaps import KeyTable, Slot
 
 SAFE_INDEX = "model.safetensors.index.json"
@@ -55,10 +56,12 @@ def find_weight_files(model_dir: os.PathLike, prefer: Optional[str] = None) -> l
 
 def _shards_from_index(index_path: Path) -> list[Path]:
     try:
-        index = json.loads(index_path.read_text())
+        index = json.loads(read_text(index_path, what="shard index"))
         weight_map = index["weight_map"]
         if not isinstance(weight_map, dict):
             raise TypeError("weight_map is not an object")
+    except UnsafeFileError as e:
+        raise CheckpointError(str(e)) from None
     except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         raise CheckpointError(f"{index_path}: not a valid shard index ({type(e).__name__}: {e})") from None
     root = Path(os.path.abspath(index_path.parent))
@@ -88,7 +91,12 @@ def check_safetensors(path: os.PathLike) -> dict:
     malformed entry, an unknown dtype, or offsets that do not match the shape or lie outside the file.
     """
     path = Path(path)
-    size = path.stat().st_size
+    try:
+        size = check_regular(path, "weights file")
+    except UnsafeFileError as e:  # a FIFO or a device would hang or read forever: refused before opening
+        raise CheckpointError(str(e)) from None
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such weights file") from None
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -140,6 +148,10 @@ def iter_tensors(files: Iterable[Path]) -> Iterator[tuple[str, torch.Tensor, Pat
                 for key in f.keys():
                     yield key, f.get_tensor(key), path
         elif path.suffix == ".bin":
+            try:
+                check_regular(path, "weights file")
+            except (UnsafeFileError, FileNotFoundError) as e:
+                raise CheckpointError(f"{path}: {e}") from None
             try:
                 sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             except Exception as e:  # pickle refusing a global, corrupt zip, ...

@@ -399,6 +399,108 @@ def _check_safetensors(case) -> None:
         return
 
 
+# ------------------------------------------------------------------------------------------ server requests
+
+@functools.lru_cache(maxsize=None)
+def _server():
+    """The real `mmstack serve` ASGI app on the embedded demo model, driven in-process (httpx's ASGI transport)."""
+    import argparse
+
+    from mmstack.apps.serve import build, load_pipeline
+
+    args = argparse.Namespace(model=None, served_model_name="m", host="127.0.0.1", port=0, api_key=None, device="cpu",
+                              dtype=None, tokenizer=None, vae=None, max_batch=4, max_waiting=8, max_body_mb=1.0,
+                              allow_remote_media=False, allowed_local_media_path=None, demo=False)
+    asgi, state = build(args)
+    state.pipe = load_pipeline(args)
+    return asgi
+
+
+request_leaf = st.one_of(json_leaf, st.sampled_from(["data:image/png;base64,iVBORw0KGgo=", "data:,x", "/etc/passwd",
+                                                     "file:///etc/passwd", "http://127.0.0.1:1/x.png", "ftp://x",
+                                                     "a" * 3000]))
+message = st.fixed_dictionaries(
+    {"role": st.sampled_from(["user", "assistant", "system", "tool", 3]),
+     "content": st.one_of(hostile_text, st.lists(st.one_of(
+         st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "image", "audio"]), "text": hostile_text}),
+         st.fixed_dictionaries({"type": st.just("image_url"), "image_url": st.one_of(
+             request_leaf, st.fixed_dictionaries({"url": request_leaf}))}),
+         json_values(max_leaves=4)), max_size=3))})
+chat_body = st.fixed_dictionaries(
+    {"messages": st.one_of(st.lists(message, max_size=3), json_values(max_leaves=4))},
+    optional={"max_tokens": st.one_of(st.integers(-5, 1 << 40), json_leaf), "n": st.integers(-2, 20),
+              "temperature": st.one_of(st.floats(allow_nan=True), json_leaf), "stop": json_values(max_leaves=4),
+              "stream": st.booleans(), "seed": st.integers(-5, 1 << 70), "top_p": st.floats(allow_nan=True)})
+image_body = st.fixed_dictionaries({"prompt": st.one_of(hostile_text, json_leaf)},
+                                   optional={"n": st.integers(-2, 40), "size": st.one_of(hostile_text, json_leaf),
+                                             "response_format": st.sampled_from(["b64_json", "url", 7]),
+                                             "steps": st.integers(-3, 5000)})
+
+
+def _check_request(case) -> None:
+    import httpx
+
+    route, body, raw = case
+    payload = raw if raw is not None else json.dumps(body).encode()
+
+    async def go():
+        transport = httpx.ASGITransport(app=_server())
+        async with httpx.AsyncClient(transport=transport, base_url="http://m") as c:
+            return await c.post(route, content=payload, headers={"content-type": "application/json"}, timeout=60)
+
+    import asyncio
+
+    r = asyncio.run(go())
+    assert r.status_code in (200, 400, 413, 429), (r.status_code, r.text[:300])
+    if r.status_code != 200:
+        err = r.json()["error"]
+        assert isinstance(err["message"], str) and err["type"], err
+
+
+request_case = st.one_of(
+    st.tuples(st.just("/v1/chat/completions"), chat_body, st.none()),
+    st.tuples(st.just("/v1/images/generations"), image_body, st.none()),
+    st.tuples(st.sampled_from(["/v1/chat/completions", "/v1/images/generations"]), st.none(),
+              st.one_of(st.binary(max_size=64), deep)),
+)
+
+
+# ------------------------------------------------------------------------------------------ native configs
+
+@functools.lru_cache(maxsize=None)
+def _native_config() -> dict:
+    from mmstack.api import default_model_dir
+
+    return json.loads((default_model_dir() / "config.json").read_text())
+
+
+@st.composite
+def native_config(draw):
+    """The embedded model's native config.json with 1-3 fields set to absurd sizes, wrong types or junk."""
+    cfg = copy.deepcopy(_native_config())
+    for _ in range(draw(st.integers(1, 3))):
+        paths = [p for p in _paths(cfg) if p]
+        *parent, key = draw(st.sampled_from(paths))
+        node = cfg
+        for k in parent:
+            node = node[k]
+        node[key] = draw(st.one_of(st.sampled_from([0, -1, 10**6, 10**12, 256.0, True, None, "8", [], {}, float("nan"),
+                                                    1e308, [[65536, 65536]]]), json_values(max_leaves=4)))
+    return cfg
+
+
+def _check_native_config(cfg) -> None:
+    from mmstack.config import ConfigError
+    from mmstack.formats import read_config
+    from mmstack.model import build_model
+
+    try:
+        parsed = read_config(cfg)
+    except ConfigError:
+        return
+    build_model(parsed, "meta")  # whatever validates must also build (bounded sizes: on the meta device, quickly)
+
+
 TARGETS = [
     Target("load_image", st.tuples(image_bytes, st.booleans()), _check_image, ("ImageError",), 300),
     Target("load_image_modes", st.tuples(st.sampled_from(PIL_MODES), st.integers(0, 9), st.integers(0, 9),
@@ -421,4 +523,6 @@ TARGETS = [
            _check_data, ("DataError",), 200),
     Target("read_config", config_case, _check_config, ("ConfigError",), 300),
     Target("safetensors_header", safetensors_case(), _check_safetensors, ("CheckpointError",), 150),
+    Target("server_request", request_case, _check_request, ("HTTP 400 / 413 / 429 in the OpenAI error shape",), 150),
+    Target("native_config", native_config(), _check_native_config, ("ConfigError",), 200),
 ]
