@@ -144,13 +144,23 @@ def build_app(pipe: Pipeline, max_queue: int = 20, title: str = "mmstack demo", 
     return demo
 
 
+MAX_JSON_BODY_MB = 2  # event payloads are text (chat histories link to uploads): anything larger is refused
+
+
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: Optional[int] = 7860, share: bool = False,
-           max_upload_mb: float = 25, prevent_thread_lock: bool = False):
-    """`demo.launch` on `host:port` with uploads capped at `max_upload_mb`. Returns launch's (app, url, share_url)."""
+           max_upload_mb: float = 25, prevent_thread_lock: bool = False, max_body_mb: float = MAX_JSON_BODY_MB):
+    """`demo.launch` on `host:port` with uploads capped at `max_upload_mb` and every other request body at
+    `max_body_mb`, both refused (413) before the body is read. Returns launch's (app, url, share_url)."""
+    from starlette.middleware import Middleware
+
+    from .http_limits import BodyLimit
+
     if not _is_loopback(host):
         log.warning("serving on %s: anyone who can reach this address can use the model", host)
+    limits = Middleware(BodyLimit, limit=int(max_body_mb * 2**20), upload_limit=int((max_upload_mb + 1) * 2**20))
     return demo.launch(server_name=host, server_port=port, share=share, max_file_size=f"{max_upload_mb}mb",
-                       prevent_thread_lock=prevent_thread_lock, show_error=True, quiet=prevent_thread_lock)
+                       prevent_thread_lock=prevent_thread_lock, show_error=True, quiet=prevent_thread_lock,
+                       app_kwargs={"middleware": [limits]})
 
 
 def _is_loopback(host: str) -> bool:

@@ -11,7 +11,6 @@ error has the OpenAI shape `{"error": {"message", "type", "param", "code"}}`.
 """
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
@@ -23,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .http_limits import BodyLimit
 from .serve_errors import APIError, error_response
 from .serve_handlers import chat_completion, image_generation
 from .serve_media import MediaPolicy
@@ -42,62 +42,6 @@ class ServerState:
     media: MediaPolicy = field(default_factory=MediaPolicy)
     max_body_bytes: int = 16 * 1024 * 1024
     created: int = field(default_factory=lambda: int(time.time()))
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is refused with 413 before the route reads (or
-    parses) it, from its Content-Length or, for a chunked body, as soon as the bytes received pass the limit.
-    The rest of a refused body (up to `drain` bytes) is read and dropped, never kept, so that the client,
-    still sending, gets to read the 413 instead of a reset connection."""
-
-    def __init__(self, app, limit: int, drain: int = 256 * 1024 * 1024):
-        self.app, self.limit, self.drain = app, limit, drain
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await self._discard(receive, 0)
-            return await self._refuse(send)
-        seen = 0
-
-        async def limited():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge()
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await self._discard(receive, seen)
-            await self._refuse(send)
-
-    async def _discard(self, receive, seen: int) -> None:
-        more = True
-        while more and seen <= self.drain:
-            message = await receive()
-            if message["type"] != "http.request":
-                return
-            seen += len(message.get("body", b""))
-            more = message.get("more_body", False)
-
-    async def _refuse(self, send):
-        body = json.dumps({"error": {"message": f"the request body is larger than the limit of {self.limit} bytes",
-                                     "type": "invalid_request_error", "param": None,
-                                     "code": "request_too_large"}}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
 
 
 def build_server(state: ServerState) -> FastAPI:

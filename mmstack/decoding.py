@@ -5,6 +5,7 @@ Notation: B batch, T prompt tokens, H hidden, V vocab.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -30,16 +31,32 @@ class SamplingParams:
     seed: Optional[int] = None
 
     def validate(self, max_limit: int = 1 << 20) -> "SamplingParams":
-        if not isinstance(self.max_new_tokens, int) or not 0 <= self.max_new_tokens <= max_limit:
+        """Raise `GenerationError` naming the first option of the wrong type or out of range (NaN included)."""
+        def number(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or not 0 <= self.max_new_tokens <= max_limit:
             raise GenerationError(f"max_new_tokens must be an integer in 0..{max_limit}, got {self.max_new_tokens!r}")
-        if self.temperature is None or self.temperature < 0:
-            raise GenerationError(f"temperature must be >= 0, got {self.temperature!r}")
-        if self.top_k is not None and self.top_k < 0:
-            raise GenerationError(f"top_k must be >= 0, got {self.top_k!r}")
-        if self.top_p is not None and not 0 < self.top_p <= 1:
+        if not number(self.temperature) or not 0 <= self.temperature <= 1000:
+            raise GenerationError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if self.top_k is not None and (isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0):
+            raise GenerationError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if self.top_p is not None and (not number(self.top_p) or not 0 < self.top_p <= 1):
             raise GenerationError(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if self.repetition_penalty <= 0:
-            raise GenerationError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not number(self.repetition_penalty) or not self.repetition_penalty > 0:
+            raise GenerationError(f"repetition_penalty must be a finite number > 0, got {self.repetition_penalty!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not 0 <= self.seed < 2**63):
+            raise GenerationError(f"seed must be an integer in 0..2**63-1, got {self.seed!r}")
+        for name in ("stop_token_ids", "stop_strings"):
+            v = getattr(self, name)
+            if isinstance(v, (str, bytes)) or not isinstance(v, (list, tuple)) or len(v) > 64:
+                raise GenerationError(f"{name} must be a list of at most 64 items, got {v!r:.60}")
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.stop_token_ids):
+            raise GenerationError(f"stop_token_ids must be non-negative integers, got {list(self.stop_token_ids)[:5]}")
+        if any(not isinstance(s, str) or len(s) > 1000 for s in self.stop_strings):
+            raise GenerationError("stop strings must be strings of at most 1000 characters")
         return self
 
     def updated(self, **kw) -> "SamplingParams":

@@ -173,7 +173,7 @@ class Pipeline(ChatMixin, ImagesMixin):
                     f"{self.source or 'this model'} has no tokenizer: pass token ids, or load with tokenizer=DIR"
                 )
             self.check_prompt_chars(prompt)
-            return self.tokenizer.encode(prompt)
+            return self.check_vocab(self.tokenizer.encode(prompt))
         ids = prompt.tolist() if isinstance(prompt, torch.Tensor) else list(prompt)
         if not ids:
             raise GenerationError("empty prompt: at least one token is needed")
@@ -181,6 +181,16 @@ class Pipeline(ChatMixin, ImagesMixin):
         bad = [i for i in ids if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < vocab]
         if bad:
             raise GenerationError(f"token ids out of range 0..{vocab - 1}: {bad[:5]}")
+        return ids
+
+    def check_vocab(self, ids):
+        """`ids` (a list or a tensor) if every id is inside the model's vocabulary; a tokenizer larger than the
+        model (a mismatched tokenizer) is a `TokenizerError` naming both, not an index error in the embedding."""
+        values = ids.tolist() if isinstance(ids, torch.Tensor) else list(ids)
+        top = max(values, default=-1)
+        if top >= self.cfg.language.vocab_size:
+            raise TokenizerError(f"the tokenizer gave id {top}, beyond the model's vocabulary of "
+                                 f"{self.cfg.language.vocab_size}: this tokenizer does not belong to this model")
         return ids
 
     @torch.no_grad()

@@ -39,6 +39,7 @@ class ChatMixin:
         self.check_prompt_chars(messages)
         batch, imgs = u.prepare([messages], self.prompt_token_limit(), max_images=self.max_images)
         self.check_prompt_length(batch.input_ids.shape[1], max_new_tokens)
+        self.check_vocab(batch.input_ids.masked_fill(batch.images_seq_mask, 0).flatten())
         return batch, imgs
 
     def submit_chat(self, messages: Sequence[dict], **sampling) -> Handle:

@@ -58,6 +58,7 @@ class ImagesMixin:
             self.check_prompt_chars([{"role": "user", "content": prompt}])
         req = g.request(prompt, n, seed, cfg, temperature, steps, size, mode, max_images=self.max_images_per_call)
         self.check_prompt_length(len(req.prompt_ids), req.image_tokens, what="image tokens")
+        self.check_vocab(req.prompt_ids)
         if req.mode == "vq":
             head = self.cfg.vq_head
             rows = cfg_rows(req.prompt_ids, n, g.pad_id(), head.row_layout, head.uncond)

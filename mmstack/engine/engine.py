@@ -22,6 +22,7 @@ import atexit
 import collections
 import itertools
 import logging
+import os
 import threading
 import weakref
 from dataclasses import dataclass
@@ -59,6 +60,9 @@ class EngineConfig:
         prefill_chunk: prompt tokens per prefill forward.
         max_prefill_tokens: prompt positions admitted into one prefill batch (rows x longest prompt).
         decode_mode: how a decode step runs; every mode gives the same tokens (tests/engine).
+        max_cache_bytes: the preallocated cache (rows x positions x bytes per token) stays under this: rows
+            hold fewer positions when the model's context would not fit (requests longer than that are refused
+            at submit, naming the limit).
     """
 
     max_rows: int = 32
@@ -67,6 +71,7 @@ class EngineConfig:
     prefill_chunk: int = 512
     max_prefill_tokens: int = 16384
     decode_mode: str = "auto"  # "eager" | "static" | "cuda_graph" ("auto": CUDA graphs on CUDA, else eager)
+    max_cache_bytes: Optional[int] = None  # default: a quarter of RAM (at most 4 GiB) on CPU, half the free GPU memory
 
 
 class Engine:
@@ -77,6 +82,14 @@ class Engine:
         self.config = cfg = config or EngineConfig()
         lm = model.language
         self.capacity = min(cfg.max_seq_len or lm.cfg.max_position_embeddings, lm.cfg.max_position_embeddings)
+        per_row_token = lm.cfg.kv_values_per_token() * torch.empty(0, dtype=lm.dtype).element_size()
+        budget = cfg.max_cache_bytes or _default_cache_budget(lm.device)
+        fits = budget // max(cfg.max_rows * per_row_token, 1) - 1
+        if fits < self.capacity:
+            log.warning("engine: %d rows x %d positions would need %.1f GiB of KV cache; rows hold %d positions "
+                        "(max_cache_bytes %.1f GiB)", cfg.max_rows, self.capacity,
+                        cfg.max_rows * self.capacity * per_row_token / 2**30, max(fits, 0), budget / 2**30)
+            self.capacity = max(int(fits), 1)
         self.pad_id = pad_id
         self.cache: Optional[SlotCache] = None  # allocated on first use
         self.occupant: list[Optional[tuple[Active, int]]] = [None] * cfg.max_rows
@@ -323,6 +336,17 @@ class Engine:
         if self.cache is not None:
             for r in range(self.config.max_rows):
                 self.cache.reset(r)
+
+
+def _default_cache_budget(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 16 << 30
+    return min(4 << 30, ram // 4)
 
 
 __all__ = ["Engine", "EngineConfig", "EngineBusy", "TextRequest", "VQImageRequest", "FlowImageRequest"]

@@ -107,8 +107,8 @@ def check_safetensors(path: os.PathLike) -> dict:
         raw = f.read(n)
     try:
         header = json.loads(raw)
-    except (ValueError, RecursionError) as e:
-        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({e})") from None
+    except (ValueError, RecursionError) as e:  # the reason only: never bytes of whatever the file holds
+        raise CheckpointError(f"{path}: safetensors header is not valid JSON ({type(e).__name__})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: safetensors header is not an object")
     data_len = size - 8 - n

@@ -328,3 +328,17 @@ def test_a_person_can_chat_about_an_image_and_generate_images_in_chromium(playwr
         finally:
             browser.close()
     assert all((ARTIFACTS / f"demo-{n}.png").stat().st_size > 0 for n in ("chat", "generate", "documents"))
+
+
+def test_an_oversized_event_body_is_refused_before_it_is_read(url, client):
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = b'{"data": ["' + b"a" * (20 << 20) + b'"]}'
+    req = urllib.request.Request(url + "gradio_api/call/chat", data=body, method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=60)
+    assert e.value.code == 413 and json.loads(e.value.read())["error"]["code"] == "request_too_large"
+    assert client.predict(api_name="/clear")[0] == []  # and the server goes on
