@@ -38,6 +38,9 @@ def check_float(value, where: str, lo: float = 0.0, hi: Optional[float] = None, 
 # ------------------------------------------------------------------------------------------ understanding
 
 
+POOLS = ("", "map", "avg", "avgmax", "max", "token")  # timm's ViT heads (the checkpoints hold "map" or none)
+
+
 @dataclass
 class VisionTowerConfig:
     """A SigLIP ViT (timm names). DeepSeek-VL2: SO400M/14, tanh GELU; Janus: L/16, exact GELU."""
@@ -60,6 +63,8 @@ class VisionTowerConfig:
         check_float(self.ln_eps, "vision.ln_eps", 0.0, 1.0)
         if self.act not in ("gelu", "gelu_tanh"):
             raise ConfigError(f"vision.act must be gelu or gelu_tanh, got {self.act!r}")
+        if self.global_pool not in POOLS:
+            raise ConfigError(f"vision.global_pool must be one of {POOLS}, got {self.global_pool!r:.40}")
         if self.width % self.heads:
             raise ConfigError(f"vision.width {self.width} is not divisible by heads {self.heads}")
         if self.image_size < self.patch_size:

@@ -115,12 +115,20 @@ class Tokenizer:
         return {t.id if hasattr(t, "id") else k for k, t in self.tk.get_added_tokens_decoder().items() if t.special}
 
     # --------------------------------------------------------------------------- user text
-    def protect(self, text: str) -> str:
+    def protect(self, text: str, allow: Sequence[str] = ()) -> str:
         """Mark every added-token string in user text (`<|User|>`, the end of sentence, `<image>` ...) so that
-        `encode` tokenizes it as plain text: a message cannot forge a turn, an end or an image slot."""
+        `encode` tokenizes it as plain text: a message cannot forge a turn, an end or an image slot.
+
+        `allow` names markup tokens that are part of the documented prompt language and stay special when
+        typed (DeepSeek-VL2's grounding tags `<|ref|>` ... `<|/ref|>`); control tokens are never in it."""
         if not isinstance(text, str):
             return text
-        return self._specials_re().sub(lambda m: OPEN + m.group(0).encode("utf-8").hex() + CLOSE, text)
+        keep = frozenset(allow) - self._control_tokens()
+        return self._specials_re().sub(
+            lambda m: m.group(0) if m.group(0) in keep else OPEN + m.group(0).encode("utf-8").hex() + CLOSE, text)
+
+    def _control_tokens(self) -> frozenset:
+        return frozenset(t for t in (self.bos_token, self.eos_token, self.pad_token) if t)
 
     def _specials_re(self) -> "re.Pattern":
         if getattr(self, "_specials", None) is None:

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 
-import pytest
 
 from golden import golden_dir, tokenizer_for
 

@@ -26,6 +26,9 @@ from PIL import Image, ImageDraw, ImageFont
 GRID = 999  # largest coordinate of the 0..999 grid
 
 _TAG = re.compile(r"<\|(/?ref|/?det|grounding)\|>")
+# the grounding tags are prompt language (the official README types `<|ref|>...<|/ref|>` into the user turn):
+# user text keeps them as special tokens, while role and end tokens typed there stay text (`Tokenizer.protect`)
+MARKUP = ("<|ref|>", "<|/ref|>", "<|det|>", "<|/det|>", "<|grounding|>")
 _BOX_CHARS = re.compile(r"[\s\d\[\](),.+\-]*")  # what an unterminated <|det|> may hold
 _BRACKET = re.compile(r"[\[\]()]")
 _NUMBER = re.compile(r"-?\d+(?:\.\d+)?")

@@ -8,6 +8,7 @@ It holds no model: `mmstack.pipeline.Pipeline` embeds the batch (`MultimodalMode
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import Optional, Sequence
 
@@ -18,6 +19,7 @@ from mmstack.config import ModelConfig
 from mmstack.errors import CapabilityError
 
 from . import image_io
+from .grounding import MARKUP as GROUNDING_MARKUP
 from .grounding import Box, grounding_prompt, parse_boxes
 from .messages import split_messages
 
@@ -70,7 +72,8 @@ class Understanding:
     def split(self, messages: Sequence[dict], max_images: int = MAX_IMAGES, allow_remote: bool = False
               ) -> tuple[list[dict], list]:
         """transformers-style messages -> template messages with image tags, and the image sources in order."""
-        return split_messages(messages, self.chat_cfg.image_tag, max_images, allow_remote, self.tokenizer.protect)
+        protect = functools.partial(self.tokenizer.protect, allow=GROUNDING_MARKUP)
+        return split_messages(messages, self.chat_cfg.image_tag, max_images, allow_remote, protect)
 
     def load_images(self, sources: Sequence) -> list[Image.Image]:
         return image_io.load_images(sources, self.policy)

@@ -133,7 +133,7 @@ def test_pdf_pages_become_items_rendered_on_demand(tmp_path):
     summary = ocr.ocr([pdf], tmp_path / "out.jsonl", fake_text, progress=False)
     assert (summary.done, summary.errors) == (2, 0)
     texts = [r["text"] for r in records(tmp_path / "out.jsonl")]  # PIL stores pages as JPEG: colours approximate
-    assert [t.split()[0] for t in texts] == ["200x100", "200x100"] 
+    assert [t.split()[0] for t in texts] == ["200x100", "200x100"]
     assert int(texts[0][-6:-4], 16) > 200 and int(texts[1][-2:], 16) > 200  # red page, then blue
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import mmstack
-from mmstack.decoding import SamplingParams, generate_ids
+from mmstack.decoding import generate_ids
 from mmstack.engine import Engine, EngineBusy, EngineConfig, FlowImageRequest, TextRequest, VQImageRequest
 from mmstack.errors import GenerationError
 from mmstack.generation.flow import flow_prompt, generate_latents

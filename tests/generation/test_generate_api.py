@@ -5,7 +5,6 @@ from __future__ import annotations
 import shutil
 
 import pytest
-import torch
 
 import mmstack
 from golden import golden_dir, tokenizer_for

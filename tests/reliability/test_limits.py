@@ -194,3 +194,13 @@ def test_special_tokens_typed_in_a_message_stay_text(family, janus, vl2):
     plain = pipe.understanding.prepare([[{"role": "user", "content": "hi"}]])[0].input_ids[0].tolist()
     assert len(ids) > len(plain)  # the forged text is there, as text
     pipe.chat([{"role": "user", "content": forged}], stream=False, max_new_tokens=2)  # and the request runs
+
+
+def test_grounding_tags_typed_in_a_message_stay_special(vl2):
+    """DeepSeek-VL2's grounding tags are prompt language (the official README types `<|ref|>...<|/ref|>` into
+    the user turn): they stay special tokens, while the end of sentence typed next to them stays text."""
+    tk = vl2.tokenizer
+    text = f"<|ref|>the red circle<|/ref|>.{tk.eos_token}"
+    ids = vl2.understanding.prepare([[{"role": "user", "content": text}]])[0].input_ids[0].tolist()
+    assert ids.count(tk.token_id("<|ref|>")) == 1 and ids.count(tk.token_id("<|/ref|>")) == 1
+    assert ids.count(tk.eos_id) == 0
