@@ -35,12 +35,12 @@ def find_tokenizer(model_dir: Path) -> Optional[Path]:
     return None
 
 
-LOAD_OPTIONS = ("chat_format", "image_policy", "prefill_chunk", "vae")
+LOAD_OPTIONS = ("chat_format", "image_policy", "prefill_chunk", "vae", "quantize")
 
 
 def load(name_or_dir: Union[str, Path], device=None, dtype=None, tokenizer: Optional[Union[str, Path, Tokenizer]] = None,
          chat_format: Optional[str] = None, image_policy: Optional[str] = None, prefill_chunk: Optional[int] = 512,
-         vae: Optional[Union[str, Path]] = None) -> Pipeline:
+         vae: Optional[Union[str, Path]] = None, quantize: Optional[str] = None) -> Pipeline:
     """Load a model folder of any supported format and return a `Pipeline`.
 
     Args:
@@ -54,6 +54,8 @@ def load(name_or_dir: Union[str, Path], device=None, dtype=None, tokenizer: Opti
         image_policy: "official" (the official loaders: convert("RGB"), no EXIF) or "native".
         prefill_chunk: prompt tokens per prefill forward (long prompts are chunked).
         vae: the SDXL-type VAE folder (or hub id) JanusFlow decodes with, when it is not inside the model folder.
+        quantize: "int8" or "int4" for weight-only quantization of the language model's linear and expert
+            weights (inference only; `mmstack.quantize` says what is and is not quantized).
     Returns:
         a Pipeline with `logits` and `complete`, plus the multimodal methods the checkpoint supports
         (`pipe.capabilities`).
@@ -64,7 +66,8 @@ def load(name_or_dir: Union[str, Path], device=None, dtype=None, tokenizer: Opti
     d = resolve_model(name_or_dir)
     cfg = read_config(d)
     device = torch.device(device) if device is not None else default_device()
-    model = load_model(d, device=device, dtype=resolve_dtype(dtype) or default_dtype(device), cfg=cfg)
+    model = load_model(d, device=device, dtype=resolve_dtype(dtype) or default_dtype(device), cfg=cfg,
+                       quantize=quantize)
     if isinstance(tokenizer, Tokenizer):
         tk = tokenizer
     elif tokenizer is not None:

@@ -16,6 +16,7 @@ from .formats import key_table, read_config
 from .io.checkpoint import check_safetensors, find_weight_files, load_weights
 from .io.tokenizer_files import copy_tokenizer  # noqa: F401  (re-exported)
 from .model import MultimodalModel, build_model
+from .quantize import check_scheme, quantize_model
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,8 @@ def resolve_dtype(dtype) -> Optional[torch.dtype]:
 
 
 def load_model(model_dir: Union[str, Path], device=None, dtype=None, cfg: Optional[ModelConfig] = None,
-               language_only: bool = False, parts: Optional[tuple] = None) -> MultimodalModel:
+               language_only: bool = False, parts: Optional[tuple] = None,
+               quantize: Optional[str] = None) -> MultimodalModel:
     """Load a checkpoint folder of any supported format.
 
     Args:
@@ -54,6 +56,9 @@ def load_model(model_dir: Union[str, Path], device=None, dtype=None, cfg: Option
             ("vision", "projector", "layout") for understanding only; checkpoint keys of the parts left out
             are skipped, while the parts kept load strictly.
         language_only: shorthand for parts=().
+        quantize: None, "int8" or "int4": weight-only quantization of the language model's linear and expert
+            weights (`mmstack.quantize`). The weights are read into CPU memory and quantized layer by layer onto
+            `device`, so the device never holds the full-precision language model.
     Raises:
         ConfigError, CheckpointError with the file and the keys involved.
     """
@@ -70,11 +75,15 @@ def load_model(model_dir: Union[str, Path], device=None, dtype=None, cfg: Option
     dtype = resolve_dtype(dtype) or default_dtype(device)
     files = find_weight_files(model_dir)
     check_against_checkpoint(cfg, files, model_dir)  # before any module is built
+    check_scheme(quantize)
     model = build_model(cfg, "meta")
+    staging = torch.device("cpu") if quantize else device
     try:
-        load_weights(model, files, key_table(cfg.source_format), dtype=dtype, device=device, strict=parts is None)
+        load_weights(model, files, key_table(cfg.source_format), dtype=dtype, device=staging, strict=parts is None)
     except CheckpointError as e:
         raise CheckpointError(f"{model_dir}: {e}") from None
+    if quantize:
+        quantize_model(model, quantize, device=device)
     model.language.fuse_projections()
     return model.eval()
 
