@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 from .batch_inputs import Item, UsageError, iter_items
+from .model_args import add_model_arguments, load_kwargs
 from .model_settings import task_defaults
 from .batch_results import (find_shards, json_line, merge, parse_shard, read_results, resolve_shard, shard_path,
                             write_results)
@@ -247,10 +248,7 @@ def add_job_arguments(p: argparse.ArgumentParser, *, out_help: str, prompt: str,
                    help=f"items in flight at once, batched by the engine (default: {DEFAULT_BATCH_SIZE})")
     p.set_defaults(job_prompt=prompt, job_max_new_tokens=max_new_tokens)
     p.add_argument("--temperature", type=float, default=0.0, help="0 for greedy decoding (default)")
-    p.add_argument("--model", default=None, help="model folder or hub id org/name[@revision] (default: the embedded demo model)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: found in --model)")
+    add_model_arguments(p)
     p.add_argument("--pdf-dpi", type=float, default=144.0, help="resolution PDF pages are rendered at")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -275,8 +273,7 @@ def describe_from_args(args, name: str) -> tuple[Describe, str]:
     import mmstack
     from mmstack.api import default_model_dir
 
-    pipe = mmstack.load(args.model or default_model_dir(), device=job_device(args), dtype=args.dtype,
-                        tokenizer=args.tokenizer)
+    pipe = mmstack.load(args.model or default_model_dir(), **{**load_kwargs(args), "device": job_device(args)})
     own = task_defaults(pipe.source, name)
     prompt = args.prompt or own.get("prompt") or args.job_prompt
     max_new = args.max_new_tokens or own.get("max_new_tokens") or args.job_max_new_tokens

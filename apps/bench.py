@@ -90,7 +90,7 @@ def run_suites(names: list[str], size: str = "cpu", device=None, dtype=None, aga
 
 
 # suites with their own measurement and table: engine throughput, HTTP serving
-OWN_SUITES = ("engine", "serve")
+OWN_SUITES = ("engine", "serve", "quant")
 
 
 def _own_suite(name: str, args) -> dict:
@@ -98,6 +98,8 @@ def _own_suite(name: str, args) -> dict:
         torch.set_num_threads(args.threads)
     if name == "engine":
         from . import bench_engine as mod
+    elif name == "quant":
+        from . import bench_quant as mod
     else:
         from . import bench_serve as mod
     result = mod.run(args.size, args.device, args.dtype, args.repeat)

@@ -19,7 +19,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 
@@ -40,13 +40,14 @@ LM = {
 }
 
 
-def _lm_pipeline(size: str, device, dtype):
+def _lm_pipeline(size: str, device, dtype, config: Optional[dict] = None):
+    """A random DeepSeek-V2-style model of LM[size] (or `config`, the same keys), its prompt and answer lengths."""
     from mmstack.formats import read_config
     from mmstack.model import build_model
     from mmstack.pipeline import Pipeline
     from mmstack.testing import randomise_weights
 
-    c = dict(LM[size])
+    c = dict(config or LM[size])
     prompt, new = c.pop("prompt"), c.pop("new")
     raw = dict(model_type="deepseek_v2", first_k_dense_replace=1, q_lora_rank=None, topk_method="greedy",
                max_position_embeddings=4096, num_key_value_heads=c["num_attention_heads"], **c)

@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from .model_args import add_model_arguments, load_kwargs
+
 # name -> (configure(parser), run(args) -> int, help)
 COMMANDS: dict[str, tuple[Callable, Callable, str]] = {}
 # name -> (module with add_arguments(parser) and main(args), help); imported on use
@@ -39,18 +41,15 @@ def command(name: str, help: str, configure: Callable):
 
 
 def model_arguments(p: argparse.ArgumentParser) -> None:
-    """--model / --device / --dtype / --tokenizer, shared by every command that runs a model."""
-    p.add_argument("--model", default=None, help="model folder (official, transformers or native) or hub id org/name[@revision] (default: the embedded demo model)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: found in --model)")
+    """--model / --device / --dtype / --tokenizer / --quantize, shared by every command that runs a model."""
+    add_model_arguments(p)
 
 
 def load_pipeline(args):
     from mmstack.api import default_model_dir, load
 
     model = args.model or default_model_dir()
-    return load(model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    return load(model, **load_kwargs(args))
 
 
 def _sampling_arguments(p, max_new_tokens=512):

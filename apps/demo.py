@@ -23,6 +23,7 @@ from mmstack.api import CapabilityError, Pipeline
 from .demo_gradio import gr
 from .demo_handlers import BOXES_MIN_SIDE, CHART_PROMPT, OCR_PROMPT, Handlers, to_model_messages
 from .demo_tables import chart_table, parse_markdown_table, pdf_page
+from .model_args import add_model_arguments, load_kwargs
 from .model_settings import CFG_DEFAULTS, CHAT_DEFAULTS, CHAT_LIMITS, SETTINGS_FILE, cfg_default, demo_settings
 
 log = logging.getLogger(__name__)
@@ -175,10 +176,7 @@ def _is_loopback(host: str) -> bool:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `mmstack demo` flags."""
-    parser.add_argument("--model", default=None, help="model folder or hub id org/name[@revision] (default: the embedded demo model)")
-    parser.add_argument("--tokenizer", default=None, help="tokenizer folder or tokenizer.json (default: found in --model)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
-    parser.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
+    add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
@@ -199,7 +197,7 @@ def main(args: argparse.Namespace) -> int:
         except FileNotFoundError:
             raise FileNotFoundError("no --model given, and this installation has no embedded demo model: "
                                     "pass --model DIR") from None
-    pipe = mmstack.load(args.model, device=args.device, dtype=args.dtype, tokenizer=args.tokenizer)
+    pipe = mmstack.load(args.model, **load_kwargs(args))
     demo = build_app(pipe, max_queue=args.max_queue, max_batch=args.max_batch)
     launch(demo, host=args.host, port=args.port, share=args.share, max_upload_mb=args.max_upload_mb)
     return 0

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from mmstack.quantize import refuse_quantized
+
 
 def add_lora(model: nn.Module, r: int, alpha: int, targets: list[str], dropout: float = 0.0) -> nn.Module:
     """Freeze the model and add trainable rank-`r` adapters to the Linear layers named in `targets`."""
+    refuse_quantized(model, "LoRA")
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:

@@ -17,19 +17,17 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from .model_args import add_model_arguments, load_kwargs
+
 log = logging.getLogger(__name__)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="model folder or hub id org/name[@revision] (default: the embedded "
-                                                 "demo model)")
+    add_model_arguments(p)
     p.add_argument("--served-model-name", default=None, help="the model id clients see (default: --model, or 'mmstack-demo')")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ routes")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
-    p.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: found in --model)")
     p.add_argument("--vae", default=None, help="JanusFlow's VAE folder or hub id, when not inside --model")
     p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (engine rows)")
     p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those running; then 429")
@@ -47,8 +45,7 @@ def load_pipeline(args):
 
     from .model_settings import demo_settings
 
-    pipe = mmstack.load(args.model or default_model_dir(), device=args.device, dtype=args.dtype,
-                        tokenizer=args.tokenizer, vae=args.vae)
+    pipe = mmstack.load(args.model or default_model_dir(), vae=args.vae, **load_kwargs(args))
     pipe.engine_config = EngineConfig(max_rows=args.max_batch, max_waiting=args.max_waiting)
     pipe.chat_sampling = {k: v for k, v in demo_settings(pipe).get("chat_sampling", {}).items()
                           if k in ("temperature", "top_p", "repetition_penalty", "max_new_tokens")}

@@ -29,6 +29,7 @@ from .io.checkpoint import SAFE_INDEX, SAFE_SINGLE, _listing, save_safetensors, 
 from .io.keymaps import KeyTable
 from .io.tokenizer_files import copy_tokenizer
 from .model import MultimodalModel, build_model
+from .quantize import refuse_quantized
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,7 @@ def plan_export(cfg: ModelConfig, fmt: str, dtype: str = "float32", tokenizer_di
 def save_pretrained(model: MultimodalModel, out_dir: Union[str, Path],
                     tokenizer_dir: Optional[Union[str, Path]] = None) -> Path:
     """Write the native format: config.json, model.safetensors (internal names), tokenizer files."""
+    refuse_quantized(model, "saving")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     native = dataclasses.replace(model.cfg, source_format="mmstack")
@@ -101,6 +103,7 @@ def export_pretrained(model: MultimodalModel, out_dir: Union[str, Path], fmt: st
     Raises:
         ExportError: the format cannot hold this model (see `plan_export`).
     """
+    refuse_quantized(model, f"export to {fmt}")
     if fmt == "mmstack":
         if language_only:
             raise ExportError("language_only is for the export formats; the native format keeps every part")

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from .batch import MultimodalBatch
+from .quantize import refuse_quantized
 
 
 def understanding_loss(model, batch: MultimodalBatch) -> tuple[torch.Tensor, int]:
@@ -21,6 +22,7 @@ def understanding_loss(model, batch: MultimodalBatch) -> tuple[torch.Tensor, int
 
     Returns (loss, number of target tokens).
     """
+    refuse_quantized(model, "training")
     emb = model.embed(batch)
     lm = model.language
     h = lm(inputs_embeds=emb, attention_mask=batch.attention_mask)
@@ -34,6 +36,7 @@ def understanding_loss(model, batch: MultimodalBatch) -> tuple[torch.Tensor, int
 
 def vq_generation_loss(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """prompt_ids/prompt_mask [B,L] (left padded, ending with <begin_of_image>), codes [B,N] -> mean CE."""
+    refuse_quantized(model, "training")
     lm, head = model.language, model.vq_head
     emb = torch.cat([lm.embed_tokens(prompt_ids), head.embed_codes(codes[:, :-1])], 1)  # [B, L+N-1, D]
     mask = torch.cat([prompt_mask, torch.ones_like(codes[:, :-1])], 1)
@@ -46,6 +49,7 @@ def flow_generation_loss(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Rectified flow: velocity MSE at a random t for VAE latents x1 [B,C,H,W] (prompt's last token is
     dropped; t_emb takes its slot, as in sampling)."""
+    refuse_quantized(model, "training")
     from mmstack.generation.flow import velocity
 
     lm, fh = model.language, model.flow_head

@@ -68,3 +68,20 @@ def test_bench_rejects_too_few_repeats_and_unknown_suites():
         bench.run_suites(["janus-t2i"], size="cpu", repeat=3)
     with pytest.raises(ValueError, match="unknown suite"):
         bench.run_suites(["nope"], size="smoke")
+
+
+def test_bench_quant_reports_memory_speed_drift_and_trained_scores(tmp_path, capsys):
+    out = tmp_path / "quant.json"
+    assert main(["bench", "quant", "--size", "smoke", "--repeat", "2", "--device", "cpu", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "suite quant" in printed and "embedded model" in printed
+    (result,) = json.loads(out.read_text())["results"]
+    lm = [r for r in result["rows"] if r["workload"].startswith("lm")]
+    demo = [r for r in result["rows"] if "scores" in r]
+    assert [r["scheme"] for r in lm] == ["float32", "int8", "int4"] == [r["scheme"] for r in demo]
+    base, q8, q4 = lm
+    assert base["logits_rel_err"] == 0 and base["greedy_agree"] == "8/8"
+    assert q4["weight_mb"] < q8["weight_mb"] < base["weight_mb"]  # measured, not asserted as a speed
+    assert 0 < q8["logits_rel_err"] < q4["logits_rel_err"] < 1
+    assert all(len(r["decode_spread"]) == 2 and r["decode_ms"] > 0 for r in lm)
+    assert set(demo[0]["scores"]) >= {"ocr", "chart", "caption", "grounding", "t2i"}
