@@ -1,5 +1,6 @@
 """Fine-tuning data: LLaVA JSON, ShareGPT JSON/JSONL and messages JSONL, normalised to one `Example`
-type; image paths are relative to the data file. Validation reports `file:line` for each problem.
+type; image paths are relative to the data file. Validation reports `file:line` for each problem. Files are read
+as a stream (`data_stream`): `iter_examples` holds one record at a time, whatever the file size.
 
     LLaVA:    [{"id", "image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", ...}]}]
     ShareGPT: {"conversations": [{"from": "human"|"gpt"|"system", "value": ...}], "images": [...]}
@@ -8,18 +9,17 @@ type; image paths are relative to the data file. Validation reports `file:line` 
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional, Union
 
+from .data_stream import JSON_MAX_BYTES, DataError, records as _records
+
+__all__ = ["DataError", "Example", "JSON_MAX_BYTES", "iter_examples", "load_examples", "problems"]
+
 IMAGE_TAG = "<image>"
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
           "system": "system"}
-
-
-class DataError(ValueError):
-    """Bad training data; the message lists `file:line: problem` entries."""
 
 
 @dataclass
@@ -34,36 +34,6 @@ class Example:
     @property
     def is_t2i(self) -> bool:
         return self.prompt is not None
-
-
-JSON_MAX_BYTES = 1 << 30  # a .json file is parsed whole; .jsonl streams line by line
-
-
-def _records(path: Path) -> Iterator[tuple[int, object]]:
-    """(line number, parsed object) for JSONL, or (1-based index, item) for a JSON list/object."""
-    from mmstack.io.files import UnsafeFileError, check_regular
-
-    try:  # a FIFO or a device behind the name would hang or never end
-        check_regular(path, "data file", None if path.suffix == ".jsonl" else JSON_MAX_BYTES)
-    except UnsafeFileError as e:
-        raise DataError(str(e)) from None
-    if path.suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for n, raw in enumerate(f, 1):
-                if not raw.strip():
-                    continue
-                try:
-                    yield n, json.loads(raw.decode("utf-8"))
-                except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
-                    yield n, DataError(f"not valid UTF-8 JSON ({type(e).__name__})")
-        return
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        yield 1, DataError(f"not valid UTF-8 JSON ({type(e).__name__}: {e})")
-        return
-    for n, item in enumerate(data if isinstance(data, list) else [data], 1):
-        yield n, item
 
 
 def _turns(obj: dict, key: str) -> list:
@@ -143,19 +113,15 @@ def problems(ex: Example, check_images: bool = True, fits=None) -> list[str]:
     return out
 
 
-def load_examples(paths: Union[str, Path, list], skip_bad: bool = False, check_images: bool = True, fits=None
-                  ) -> tuple[list[Example], list[str]]:
-    """Read and validate data files. Returns (examples, skipped problems).
-
-    Any file content is data: a record of the wrong shape, invalid UTF-8 or JSON, or an unusable image path
-    is a problem of its `file:line`, never another exception.
+def iter_examples(paths: Union[str, Path, list], check_images: bool = True, fits=None
+                  ) -> Iterator[tuple[Optional[Example], list[str]]]:
+    """Read and validate data files as a stream: (example, []) for each usable record, (None, ["file:line:
+    problem", ...]) for each unusable one, in file order; one record is in memory at a time.
 
     Raises:
-        DataError: a data file is missing, or (unless `skip_bad`, which drops and reports them) listing every
-            `file:line: problem`.
+        DataError: a data file is missing or not a regular file.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
-    good, bad = [], []
     for path in map(Path, paths):
         if not path.is_file():
             raise DataError(f"{path}: no such data file")
@@ -168,10 +134,26 @@ def load_examples(paths: Union[str, Path, list], skip_bad: bool = False, check_i
                 issues = problems(ex, check_images, fits)
             except DataError as e:
                 issues = [str(e)]
-            if issues:
-                bad.extend(f"{where}: {p}" for p in issues)
-            else:
-                good.append(ex)
+            yield (None, [f"{where}: {p}" for p in issues]) if issues else (ex, [])
+
+
+def load_examples(paths: Union[str, Path, list], skip_bad: bool = False, check_images: bool = True, fits=None
+                  ) -> tuple[list[Example], list[str]]:
+    """Read and validate data files (`iter_examples`). Returns (examples, skipped problems).
+
+    Any file content is data: a record of the wrong shape, invalid UTF-8 or JSON, or an unusable image path
+    is a problem of its `file:line`, never another exception.
+
+    Raises:
+        DataError: a data file is missing, or (unless `skip_bad`, which drops and reports them) listing every
+            `file:line: problem`.
+    """
+    good, bad = [], []
+    for ex, issues in iter_examples(paths, check_images, fits):
+        if ex is None:
+            bad.extend(issues)
+        else:
+            good.append(ex)
     if bad and not skip_bad:
         shown = "\n".join(bad[:20]) + (f"\n... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise DataError(f"{len(bad)} problem(s) in the training data (use --skip-bad to drop them):\n{shown}")
