@@ -47,14 +47,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--against", choices=["transformers", "none"], default="transformers",
                    help="baseline for suites with a transformers counterpart (the others compare our plain path)")
     p.add_argument("--repeat", type=int, default=5, help="timed runs per side (at least 5)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed runs per side after the gate")
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed runs per side after the gate (the gate and 2 warm-ups let the CPU decode step "
+                        "settle on eager or compiled before timing)")
+    p.add_argument("--config", default=None, metavar="FILE",
+                   help="mla-moe-decode: a DeepSeek-V2/V3 config.json whose architecture fields replace the size's")
+    p.add_argument("--prompts", default=None, metavar="N,N,...",
+                   help="mla-moe-decode: prompt lengths to run, one case each (default: the size's)")
+    p.add_argument("--new-tokens", type=int, default=None, help="mla-moe-decode: tokens generated per case")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the results here")
 
 
 def run_suites(names: list[str], size: str = "cpu", device=None, dtype=None, against: str = "transformers",
-               repeat: int = 5, warmup: int = 1, threads: Optional[int] = None) -> list[dict]:
-    """Run suites and return their JSON records (the Python form of the command).
+               repeat: int = 5, warmup: int = 2, threads: Optional[int] = None, config: Optional[str] = None,
+               prompts: Optional[list] = None, new_tokens: Optional[int] = None) -> list[dict]:
+    """Run suites and return their JSON records (the Python form of the command). `config`, `prompts` and
+    `new_tokens` shape the mla-moe-decode cases (`bench_suites.mla_moe_decode`).
 
     Raises:
         ValueError: an unknown suite or size, or fewer than 5 repeats (except at size "smoke").
@@ -71,6 +80,12 @@ def run_suites(names: list[str], size: str = "cpu", device=None, dtype=None, aga
         raise ValueError(f"size must be one of {SIZES}, got {size!r}")
     if repeat < 5 and size != "smoke":
         raise ValueError(f"--repeat must be at least 5 (medians of fewer runs are noise), got {repeat}")
+    shaped = config is not None or prompts or new_tokens
+    if shaped and names != ["mla-moe-decode"]:
+        raise ValueError("--config, --prompts and --new-tokens apply to the mla-moe-decode suite alone")
+    options = {}
+    if shaped:
+        options = dict(config=_read_config(config) if config else None, prompts=prompts, new_tokens=new_tokens)
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device) if device is not None else default_device()
@@ -80,13 +95,25 @@ def run_suites(names: list[str], size: str = "cpu", device=None, dtype=None, aga
     for name in names:
         log.info("suite %s (%s)", name, size)
         t0 = time.perf_counter()
-        cases = SUITES[name](size=size, device=device, dtype=dtype, against=against)
+        cases = SUITES[name](size=size, device=device, dtype=dtype, against=against, **options)
         with torch.inference_mode():
             records = [measure(c, device, repeat, warmup) for c in cases]
         del cases  # free this suite's models before the next one is built
         results.append({"suite": name, "size": size, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
                          "repeat": repeat, "env": env, "wall_s": time.perf_counter() - t0, "cases": records})
     return results
+
+
+def _read_config(path: str) -> dict:
+    from mmstack.io.files import read_text
+
+    try:
+        cfg = json.loads(read_text(path, what="config file"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{path}: a config file holds a JSON object")
+    return cfg
 
 
 # suites with their own measurement and table: engine throughput, HTTP serving
@@ -125,8 +152,9 @@ def main(args) -> int:
                 json.dump({"results": own_results}, f, indent=2)
         return 0
     try:
+        prompts = [int(x) for x in args.prompts.split(",")] if args.prompts else None
         results = run_suites(rest, args.size, args.device, args.dtype, args.against, args.repeat,
-                             args.warmup, args.threads)
+                             args.warmup, args.threads, args.config, prompts, args.new_tokens)
     except GateError as e:
         print(f"mmstack bench: correctness gate failed, nothing timed: {e}")
         return 1

@@ -211,29 +211,53 @@ MLA_SIZES = {
 }
 
 
-def mla_moe_decode(size: str, device, dtype, against: str = "transformers") -> list[Case]:
+# keys of a hub config.json that describe the checkpoint, not the architecture
+NOT_ARCHITECTURE = ("architectures", "auto_map", "model_type", "torch_dtype", "dtype", "transformers_version",
+                    "quantization_config", "_name_or_path")
+
+
+def mla_config(size: str, config: Optional[dict] = None) -> dict:
+    """The architecture of the mla-moe-decode suite: MLA_SIZES[size], with the fields of `config` (a
+    DeepSeek-V2/V3 config.json, e.g. a released model's) replacing those it names."""
+    c = dict(MLA_SIZES[size]["cfg"])
+    extra = {k: v for k, v in (config or {}).items() if k not in NOT_ARCHITECTURE}
+    c.update(extra)
+    return {"num_key_value_heads": c["num_attention_heads"], "first_k_dense_replace": 1, "q_lora_rank": None,
+            "topk_method": "greedy", "max_position_embeddings": 8192, **c}
+
+
+def mla_moe_decode(size: str, device, dtype, against: str = "transformers", config: Optional[dict] = None,
+                   prompts: Optional[list] = None, new_tokens: Optional[int] = None) -> list[Case]:
+    """Args beyond the common ones: `config` (architecture fields, see `mla_config`), `prompts` (prompt
+    lengths, each a case) and `new_tokens` (tokens per case), replacing the size's cases."""
     import transformers
 
     from mmstack.decoding import SamplingParams, generate_ids
 
     s = MLA_SIZES[size]
-    c = s["cfg"]
-    cfg = transformers.DeepseekV2Config(num_key_value_heads=c["num_attention_heads"], first_k_dense_replace=1,
-                                        q_lora_rank=None, topk_method="greedy", max_position_embeddings=8192,
-                                        **c)
+    c = mla_config(size, config)
+    cases_spec = s["cases"]
+    if prompts:
+        cases_spec = tuple((p, new_tokens or cases_spec[0][1]) for p in prompts)
+    elif new_tokens:
+        cases_spec = tuple((p, new_tokens) for p, _ in cases_spec)
+    cfg = transformers.DeepseekV2Config(**c)
     torch.manual_seed(0)
     hf = transformers.DeepseekV2ForCausalLM._from_config(cfg, attn_implementation="sdpa")
     hf, ours = _from_transformers(hf, device, dtype, min(0.08, c["hidden_size"] ** -0.5))
     lm = ours.language
     kv = lm.new_cache(1, 1).nbytes_per_token()
     m = lm.cfg.mla
-    notes = [f"MLA latent cache: (kv_lora_rank {m.kv_lora_rank} + rope {m.qk_rope_head_dim}) x {lm.cfg.num_layers}"
+    notes = [f"config: hidden {c['hidden_size']}, {c['num_hidden_layers']} layers, {c['n_routed_experts']} experts"
+             f" of {c['moe_intermediate_size']} (top-{c['num_experts_per_tok']}, {c['n_shared_experts']} shared),"
+             f" {c['num_attention_heads']} heads, vocab {c['vocab_size']}",
+             f"MLA latent cache: (kv_lora_rank {m.kv_lora_rank} + rope {m.qk_rope_head_dim}) x {lm.cfg.num_layers}"
              f" layers x {torch.finfo(dtype).bits // 8} B = {kv} B/token; transformers {transformers.__version__} caches"
              " the same latent but re-expands the whole cache through kv_b_proj at every step",
              f"transformers experts_implementation={getattr(hf.config, '_experts_implementation', None)}, attn sdpa;"
              " prefill = time to first token, decode = mean gap between later tokens"]
     cases = []
-    for n_prompt, n_new in s["cases"]:
+    for n_prompt, n_new in cases_spec:
         ids = torch.randint(3, c["vocab_size"], (1, n_prompt), generator=torch.Generator().manual_seed(0)).to(device)
 
         def run_ours(ids=ids, n_new=n_new):

@@ -117,6 +117,9 @@ def prefill(
     return h[:, -1]
 
 
+CACHE_STEP = 256
+
+
 @torch.no_grad()
 def generate_ids(
     lm: LanguageModel,
@@ -149,7 +152,9 @@ def generate_ids(
     if params.max_new_tokens == 0:
         return
     device = lm.device
-    cache = lm.new_cache(b, t + params.max_new_tokens)
+    # capacity in steps of CACHE_STEP, so prompts of similar length share compiled / captured decode steps
+    cache = lm.new_cache(b, min(-(-(t + params.max_new_tokens) // CACHE_STEP) * CACHE_STEP,
+                                lm.cfg.max_position_embeddings))
     gen = make_generator(params.seed)
     seen = None
     if params.repetition_penalty != 1.0:

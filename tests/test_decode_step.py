@@ -145,3 +145,46 @@ def test_packed_projections_are_repacked_after_a_move():
         out = fused(mla, mla.input_projections, x)
         assert out is not None and out[0].dtype == torch.float64
         torch.testing.assert_close(out[1], mla.kv_a_proj_with_mqa(x))
+
+
+@pytest.mark.parametrize("compiled_wins", [True, False])
+def test_cpu_auto_measures_a_repeated_shape_once_and_keeps_the_faster_step(compiled_wins, monkeypatch):
+    """CPU "auto": the first TUNE_AFTER_USES - 1 generations of a shape stay eager (no compile), the next one
+    times eager against compiled steps mid-generation and keeps the winner for that shape on that model (a
+    loser compiled step hands back to the dynamic cache); every generation gives the eager tokens."""
+    from mmstack.llm import step as step_mod
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(step_mod, "prefer_compiled", lambda e, c: compiled_wins)
+    built = []
+    real_compile = DecodeStep._compile
+    monkeypatch.setattr(DecodeStep, "_compile", lambda self, *a: built.append(1) or real_compile(self, *a))
+    m = _model("mla")
+    n = step_mod.TUNE_STEPS * 2 + 4
+    with kernels.use_backend("moe", "gather"):
+        want, _, _ = _decode(m, "eager", steps=n)
+        for use in range(1, step_mod.TUNE_AFTER_USES + 2):
+            got, step, cache = _decode(m, "auto", steps=n, compile_backend="eager")
+            torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+            (entry,) = m._decode_choices.values()
+            assert entry["uses"] == use
+            if use < step_mod.TUNE_AFTER_USES:
+                assert entry["choice"] is None and not built and step.mode == "eager"
+            else:
+                assert entry["choice"] == ("compile" if compiled_wins else "eager")
+                assert step.mode == entry["choice"] and cache.static == compiled_wins
+    assert len(built) == 1 + (1 if compiled_wins else 0)  # measured once; the winner is rebuilt per generation
+
+
+def test_cpu_auto_records_eager_when_compiling_fails(monkeypatch):
+    from mmstack.llm import step as step_mod
+
+    monkeypatch.setattr(torch, "compile", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no compiler")))
+    m = _model("mha")
+    n = step_mod.TUNE_STEPS + 4
+    want, _, _ = _decode(m, "eager", steps=n)
+    for _ in range(step_mod.TUNE_AFTER_USES):
+        got, step, cache = _decode(m, "auto", steps=n)
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    (entry,) = m._decode_choices.values()
+    assert entry["choice"] == "eager" and step.mode == "eager" and not cache.static

@@ -60,8 +60,10 @@ def fused(owner: nn.Module, names: Sequence[str], x: torch.Tensor) -> Optional[t
     if packed_names != names:
         return None
     modules = owner._modules
+    tracing = torch.compiler.is_compiling()  # data pointers are not traceable; a compiled step is inference only
     for name, m, wptr, bptr in checks:
-        if (modules[name] is not m or m._forward_hooks or m._forward_pre_hooks or m.weight.data_ptr() != wptr
-                or (bptr and m.bias.data_ptr() != bptr)):
+        if modules[name] is not m or m._forward_hooks or m._forward_pre_hooks:
+            return None
+        if not tracing and (m.weight.data_ptr() != wptr or (bptr and m.bias.data_ptr() != bptr)):
             return None
     return F.linear(x, weight, bias).split_with_sizes(sizes, dim=-1)

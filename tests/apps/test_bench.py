@@ -85,3 +85,18 @@ def test_bench_quant_reports_memory_speed_drift_and_trained_scores(tmp_path, cap
     assert 0 < q8["logits_rel_err"] < q4["logits_rel_err"] < 1
     assert all(len(r["decode_spread"]) == 2 and r["decode_ms"] > 0 for r in lm)
     assert set(demo[0]["scores"]) >= {"ocr", "chart", "caption", "grounding", "t2i"}
+
+
+def test_mla_bench_runs_a_config_file_and_chosen_prompt_lengths(tmp_path):
+    cfg = tmp_path / "config.json"  # fields of a hub config.json; checkpoint-only keys are ignored
+    cfg.write_text(json.dumps({"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2",
+                               "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 8}))
+    (result,) = bench.run_suites(["mla-moe-decode"], size="smoke", device="cpu", repeat=1, warmup=0,
+                                 config=str(cfg), prompts=[12, 20], new_tokens=4)
+    assert [c["case"] for c in result["cases"]] == ["prompt=12,new=4", "prompt=20,new=4"]
+    assert "4 experts of 8 (top-2" in " ".join(result["cases"][0]["notes"])
+    with pytest.raises(ValueError, match="mla-moe-decode suite alone"):
+        bench.run_suites(["janus-t2i"], size="smoke", config=str(cfg))
+    cfg.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="holds a JSON object"):
+        bench.run_suites(["mla-moe-decode"], size="smoke", config=str(cfg))
