@@ -37,6 +37,20 @@ from .bench_suites import SUITES
 log = logging.getLogger(__name__)
 
 
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {n}")
+    return n
+
+
+def _lengths(text: str) -> list:
+    return [_positive(x) for x in text.split(",")]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The `mmstack bench` flags."""
     p.add_argument("suites", nargs="+", metavar="SUITE",
@@ -52,9 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "settle on eager or compiled before timing)")
     p.add_argument("--config", default=None, metavar="FILE",
                    help="mla-moe-decode: a DeepSeek-V2/V3 config.json whose architecture fields replace the size's")
-    p.add_argument("--prompts", default=None, metavar="N,N,...",
+    p.add_argument("--prompts", default=None, metavar="N,N,...", type=_lengths,
                    help="mla-moe-decode: prompt lengths to run, one case each (default: the size's)")
-    p.add_argument("--new-tokens", type=int, default=None, help="mla-moe-decode: tokens generated per case")
+    p.add_argument("--new-tokens", type=_positive, default=None, help="mla-moe-decode: tokens generated per case")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the results here")
 
@@ -152,9 +166,8 @@ def main(args) -> int:
                 json.dump({"results": own_results}, f, indent=2)
         return 0
     try:
-        prompts = [int(x) for x in args.prompts.split(",")] if args.prompts else None
         results = run_suites(rest, args.size, args.device, args.dtype, args.against, args.repeat,
-                             args.warmup, args.threads, args.config, prompts, args.new_tokens)
+                             args.warmup, args.threads, args.config, args.prompts, args.new_tokens)
     except GateError as e:
         print(f"mmstack bench: correctness gate failed, nothing timed: {e}")
         return 1

@@ -241,6 +241,10 @@ def mla_moe_decode(size: str, device, dtype, against: str = "transformers", conf
         cases_spec = tuple((p, new_tokens or cases_spec[0][1]) for p in prompts)
     elif new_tokens:
         cases_spec = tuple((p, new_tokens) for p, _ in cases_spec)
+    too_long = [p + n for p, n in cases_spec if p + n > c["max_position_embeddings"]]
+    if too_long:
+        raise ValueError(f"prompt + new tokens ({max(too_long)}) exceed the config's max_position_embeddings "
+                         f"({c['max_position_embeddings']})")
     cfg = transformers.DeepseekV2Config(**c)
     torch.manual_seed(0)
     hf = transformers.DeepseekV2ForCausalLM._from_config(cfg, attn_implementation="sdpa")

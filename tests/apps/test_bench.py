@@ -100,3 +100,15 @@ def test_mla_bench_runs_a_config_file_and_chosen_prompt_lengths(tmp_path):
     cfg.write_text("[1, 2]")
     with pytest.raises(ValueError, match="holds a JSON object"):
         bench.run_suites(["mla-moe-decode"], size="smoke", config=str(cfg))
+
+
+@pytest.mark.parametrize("args", [["--prompts", "abc"], ["--prompts", "64,0"], ["--new-tokens", "-3"]])
+def test_bench_case_shapes_are_usage_errors(args, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["bench", "mla-moe-decode", "--size", "smoke", *args])
+    assert e.value.code == 2 and "argument" in capsys.readouterr().err
+
+
+def test_bench_refuses_cases_beyond_the_context_before_building():
+    with pytest.raises(ValueError, match="exceed the config's max_position_embeddings"):
+        bench.run_suites(["mla-moe-decode"], size="smoke", prompts=[9000], new_tokens=8)
