@@ -1,38 +1,138 @@
-"""LoRA through peft on any mmstack model (`inject_adapter_in_model`), merged into the base weights on
-save so the output is a plain native model. peft is imported only here."""
+"""LoRA through peft on any mmstack model (`inject_adapter_in_model`): Linear layers through `target_modules`, the
+stacked routed experts through `target_parameters` (peft's `ParamWrapper`, one rank-r pair per expert). On save,
+merged into the base weights (a plain native model), written as a standard peft adapter folder
+(`mmstack.adapters`), or both. peft is imported only here.
+
+    plan = add_lora(model, r=8, alpha=16, targets=["attention", "routed_experts"])
+    print(plan.summary())                       # the targets and the trainable parameter count
+    save_adapter(model, plan, "out/adapter")     # adapter_config.json + adapter_model.safetensors
+    merge_lora(model)                            # the plain model again, adapters folded in
+"""
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
 from torch import nn
 
 from mmstack.quantize import refuse_quantized
 
+from .lora_targets import GROUPS, Targets, resolve_targets
 
-def add_lora(model: nn.Module, r: int, alpha: int, targets: list[str], dropout: float = 0.0) -> nn.Module:
-    """Freeze the model and add trainable rank-`r` adapters to the Linear layers named in `targets`."""
+log = logging.getLogger(__name__)
+
+__all__ = ["LoraPlan", "add_lora", "merge_lora", "save_adapter", "check_qlora"]
+
+
+@dataclass
+class LoraPlan:
+    """What `add_lora` did: the peft config, the resolved targets, and the parameter counts."""
+
+    config: object  # peft.LoraConfig
+    targets: Targets
+    trainable: int
+    total: int
+
+    def summary(self) -> str:
+        c = self.config
+        return (f"LoRA r={c.r} alpha={c.lora_alpha} on {self.targets.describe()}: {len(self.targets.modules)} Linear "
+                f"layers, {len(self.targets.parameters)} stacked expert tensors; trainable {self.trainable:,} of "
+                f"{self.total:,} parameters ({100 * self.trainable / max(self.total, 1):.2f}%)")
+
+
+def add_lora(model: nn.Module, r: int, alpha: int, targets: list[str], dropout: float = 0.0) -> LoraPlan:
+    """Freeze the model and add trainable rank-`r` adapters to the weights `targets` names (groups or names,
+    `apps.lora_targets`). Targets that match nothing are warned about (groups absent from this architecture
+    only logged); when none matches anything, a ValueError. Stacked experts take no dropout (peft's rule)."""
     refuse_quantized(model, "LoRA")
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError as e:
-        raise ImportError("LoRA needs peft (pip install peft)") from e
-    names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)}
-    wanted = [t for t in targets if t in names]
-    if not wanted:
-        raise ValueError(f"none of the LoRA targets {targets} is a Linear layer of this model (it has {sorted(names)})")
+        raise ImportError("LoRA needs peft (pip install 'peft>=0.17')") from e
+    found = resolve_targets(model, targets)
+    for t, n in found.matched.items():
+        if n == 0:
+            (log.info if t in GROUPS else log.warning)(
+                "LoRA target %r matches nothing in this model%s", t, "" if t in GROUPS else " (a typo?)")
+    if found.parameters and "target_parameters" not in LoraConfig.__dataclass_fields__:
+        raise ImportError("LoRA on the routed experts needs peft>=0.17 (target_parameters): pip install -U peft")
+    if found.parameters and dropout:
+        raise ValueError("LoRA dropout is not possible on the stacked experts (peft); use dropout 0 or leave "
+                         "routed_experts out of the targets")
+    total = sum(p.numel() for p in model.parameters())
     for p in model.parameters():
         p.requires_grad_(False)
-    inject_adapter_in_model(LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=wanted), model)
+    extra = {"target_parameters": found.parameters} if found.parameters else {}
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=found.modules, **extra)
+    inject_adapter_in_model(config, model)
+    trainable = 0
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
-    return model
+        trainable += p.numel() if p.requires_grad else 0
+    return LoraPlan(config, found, trainable, total)
 
 
+def _param_wrapper_chain(module) -> list:
+    from peft.tuners.lora.layer import ParamWrapper
+
+    chain = []
+    while isinstance(module, ParamWrapper):
+        chain.append(module)
+        module = module.base_layer
+    return chain
+
+
+@torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every adapter into its base Linear and put the plain Linear back (keys as before LoRA)."""
+    """Fold every adapter into its base weight and put the plain module back (keys as before LoRA). Nested
+    wrappers of one module's stacked parameters are merged innermost last, each into its own parameter."""
     from peft.tuners.lora import LoraLayer
 
     for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
+        if not isinstance(module, LoraLayer) or ".base_layer" in f".{name}":
+            continue  # inner wrappers are merged with their outermost one
+        for layer in _param_wrapper_chain(module) or [module]:
+            layer.merge()
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
     return model
+
+
+def save_adapter(model: nn.Module, plan: LoraPlan, folder, base: Optional[str] = None) -> Path:
+    """Write the adapters of an `add_lora` model (not yet merged) as a standard peft folder: `adapter_config.json`
+    + `adapter_model.safetensors` (keys `base_model.model.<module>.lora_A.weight`), each written atomically, that
+    `mmstack.load(base, adapter=folder)` (and peft's `PeftModel.from_pretrained`) read back."""
+    from peft import get_peft_model_state_dict
+
+    from mmstack.adapters import write_adapter
+
+    tensors = {k: v.detach() for k, v in get_peft_model_state_dict(model).items()}
+    if not tensors:
+        raise ValueError("the model holds no LoRA adapters to save (merged already?)")
+    config = plan.config.to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    config["base_model_name_or_path"] = str(base) if base is not None else None
+    config["inference_mode"] = True
+    return write_adapter(folder, config, tensors)
+
+
+def check_qlora(device: torch.device, lora_r: int) -> None:
+    """Refuse `--qlora` where it cannot run, with one line saying why.
+
+    QLoRA (a 4-bit NF4 frozen base under bf16 adapters) needs CUDA and bitsandbytes; the quantized training path
+    itself is not implemented yet, so even with both it is refused.
+    """
+    if device.type != "cuda":
+        raise ValueError(f"--qlora needs a CUDA device (bitsandbytes' 4-bit kernels); this run is on {device.type}: "
+                         f"drop --qlora to train LoRA on the full-precision base")
+    if not lora_r:
+        raise ValueError("--qlora trains LoRA adapters: give --lora-r too (e.g. --lora-r 16)")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ImportError("--qlora needs bitsandbytes: pip install bitsandbytes") from None
+    raise NotImplementedError("--qlora is not implemented yet (the 4-bit base for the stacked experts); train LoRA on "
+                              "the bf16 base instead (drop --qlora)")

@@ -1,4 +1,4 @@
-"""The flags every command that runs a model shares (--model, --device, --dtype, --tokenizer, --quantize) and
+"""The flags every command that runs a model shares (--model, --device, --dtype, --tokenizer, --quantize, --adapter) and
 the `mmstack.load` keyword arguments they stand for. argparse only: importing this loads no model code."""
 from __future__ import annotations
 
@@ -15,8 +15,12 @@ def add_model_arguments(p: argparse.ArgumentParser, model_help: str = MODEL_HELP
     p.add_argument("--quantize", choices=("int8", "int4"), default=None,
                    help="weight-only quantization of the language model at load time (less memory; int8 keeps "
                         "answers closest)")
+    p.add_argument("--adapter", default=None,
+                   help="LoRA adapter folder (adapter_config.json + adapter_model.safetensors, as `mmstack finetune "
+                        "--save adapter` writes) merged into --model's weights at load")
 
 
 def load_kwargs(args: argparse.Namespace) -> dict:
     """`mmstack.load` keyword arguments from the flags above (the model itself is passed separately)."""
-    return dict(device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, quantize=args.quantize)
+    return dict(device=args.device, dtype=args.dtype, tokenizer=args.tokenizer, quantize=args.quantize,
+                adapter=getattr(args, "adapter", None))

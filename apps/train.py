@@ -28,7 +28,7 @@ from mmstack.io.atomic import atomic_torch_save
 from . import parallel
 from .checkpointing import read_checkpoint, rng_state, set_rng_state, truncate_metrics
 from .parallel import all_sum, dist_info, init_distributed
-from .train_args import TrainArgs
+from .train_args import SAVE, TrainArgs
 from .train_batches import Batcher, ImageCodes, make_batch
 
 log = logging.getLogger(__name__)
@@ -133,7 +133,8 @@ def _split(examples, fraction: float, seed: int):
 
 
 def run(args: TrainArgs) -> Path:
-    """Train; returns the output folder, whose `model/` is a native mmstack model `mmstack.load` reads.
+    """Train; returns the output folder, whose `model/` is a native mmstack model `mmstack.load` reads (with LoRA and
+    `--save adapter|both`, `adapter/` is a peft adapter folder, `mmstack.load(base, adapter=...)`).
 
     Rank 0 holds the run folder's lock for the whole run: a second run on the same `--out` is refused, naming the
     holder's PID (`mmstack.io.lock`)."""
@@ -146,7 +147,7 @@ def run(args: TrainArgs) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(out / ".lock", what=f"the run folder {out}"):
-        for folder in (out, out / "checkpoint"):  # temporary files of saves a kill interrupted
+        for folder in (out, out / "checkpoint", out / "adapter"):  # temporary files of saves a kill interrupted
             clean_stale_temps(folder)
         return _run(args)
 
@@ -182,10 +183,18 @@ def _run(args: TrainArgs) -> Path:
     mode = args.parallel if world > 1 else None
     if mode == "fsdp" and args.lora_r:
         raise ValueError("--lora-r with --parallel fsdp is not supported yet (use --parallel ddp)")
+    if args.save not in SAVE or (args.save != "merged" and not args.lora_r):
+        raise ValueError(f"--save {args.save} needs LoRA (--lora-r): without it the run saves the whole model"
+                         if args.save in SAVE else f"--save must be one of {SAVE}, got {args.save!r}")
     if args.batch_size < world:
         raise ValueError(f"--batch-size {args.batch_size} is the global batch: it needs one example per process "
                          f"at least ({world} processes)")
-    device = init_distributed(torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.qlora:
+        from .lora import check_qlora
+
+        check_qlora(device, args.lora_r)
+    device = init_distributed(device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     pipe = mmstack.load(args.model, device=device, dtype=torch.float32, tokenizer=args.tokenizer)
@@ -203,10 +212,13 @@ def _run(args: TrainArgs) -> Path:
         raise ValueError(f"task {args.task!r} found no suitable examples in {args.data}")
     und, und_eval = _split(und, args.eval_fraction, args.seed)
     t2i, t2i_eval = _split(t2i, args.eval_fraction, args.seed + 1)
+    lora = None
     if args.lora_r:
         from .lora import add_lora
 
-        add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets.split(","))
+        lora = add_lora(model, args.lora_r, args.lora_alpha, args.lora_targets.split(","))
+        if rank == 0:
+            print(lora.summary(), flush=True)
     else:
         select_trainable(model, args.train)
     ties = parallel.tied_names(model)
@@ -296,12 +308,17 @@ def _run(args: TrainArgs) -> Path:
         sd = parallel.model_state(loss_mod, model, ties)
         model = parallel.full_model(model, sd, ties) if rank == 0 else None
     if rank == 0:
-        if args.lora_r:
-            from .lora import merge_lora
+        if lora is not None and args.save in ("adapter", "both"):
+            from .lora import save_adapter
 
-            merge_lora(model)
-        tok_dir = Path(pipe.tokenizer.source).parent if pipe.tokenizer is not None else None
-        save_pretrained(model.eval(), out / "model", tokenizer_dir=tok_dir)
+            save_adapter(model, lora, out / "adapter", base=args.model)
+        if lora is None or args.save in ("merged", "both"):
+            if lora is not None:
+                from .lora import merge_lora
+
+                merge_lora(model)
+            tok_dir = Path(pipe.tokenizer.source).parent if pipe.tokenizer is not None else None
+            save_pretrained(model.eval(), out / "model", tokenizer_dir=tok_dir)
     return out
 
 

@@ -21,7 +21,8 @@ from typing import Any, Optional
 from .parallel import MODES
 
 TASKS = ("understanding", "vq", "flow", "vq_tokenizer", "mixed")
-LORA_TARGETS = "q_proj,kv_a_proj_with_mqa,kv_b_proj,o_proj,k_proj,v_proj,gate_proj,up_proj,down_proj"
+LORA_TARGETS = "attention,mlp,shared_experts,routed_experts"  # groups and names: apps/lora_targets.py
+SAVE = ("merged", "adapter", "both")
 
 
 def _cli(help: Optional[str] = None, **options: Any) -> dict:
@@ -49,7 +50,14 @@ class TrainArgs:
     train: str = field(default="all", metadata=_cli("parts to train: all, or e.g. language,projector"))
     lora_r: int = field(default=0, metadata=_cli("LoRA rank (0 = full fine-tuning of --train)"))
     lora_alpha: int = 16
-    lora_targets: str = LORA_TARGETS
+    lora_targets: str = field(default=LORA_TARGETS, metadata=_cli(
+        "comma-separated LoRA targets: groups attention, mlp (dense), shared_experts, routed_experts (the stacked "
+        "experts), or layer names like q_proj, experts.down_proj"))
+    save: str = field(default="merged", metadata=_cli(
+        "with LoRA: write the merged model (OUT/model), the peft adapter folder (OUT/adapter), or both",
+        choices=SAVE))
+    qlora: bool = field(default=False, metadata=_cli(
+        "LoRA on a 4-bit base (CUDA and bitsandbytes; refused elsewhere, and not implemented yet)"))
     gradient_checkpointing: bool = False
     # autocast: default bf16 on CUDA, fp32 on CPU; "bf16" also on CPU, "fp32" off
     dtype: Optional[str] = field(default=None, metadata=_cli(

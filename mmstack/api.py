@@ -35,12 +35,13 @@ def find_tokenizer(model_dir: Path) -> Optional[Path]:
     return None
 
 
-LOAD_OPTIONS = ("chat_format", "image_policy", "prefill_chunk", "vae", "quantize")
+LOAD_OPTIONS = ("chat_format", "image_policy", "prefill_chunk", "vae", "quantize", "adapter")
 
 
 def load(name_or_dir: Union[str, Path], device=None, dtype=None, tokenizer: Optional[Union[str, Path, Tokenizer]] = None,
          chat_format: Optional[str] = None, image_policy: Optional[str] = None, prefill_chunk: Optional[int] = 512,
-         vae: Optional[Union[str, Path]] = None, quantize: Optional[str] = None) -> Pipeline:
+         vae: Optional[Union[str, Path]] = None, quantize: Optional[str] = None,
+         adapter: Optional[Union[str, Path]] = None) -> Pipeline:
     """Load a model folder of any supported format and return a `Pipeline`.
 
     Args:
@@ -56,18 +57,23 @@ def load(name_or_dir: Union[str, Path], device=None, dtype=None, tokenizer: Opti
         vae: the SDXL-type VAE folder (or hub id) JanusFlow decodes with, when it is not inside the model folder.
         quantize: "int8" or "int4" for weight-only quantization of the language model's linear and expert
             weights (inference only; `mmstack.quantize` says what is and is not quantized).
+        adapter: a LoRA adapter folder (or hub id) in peft's format, as `mmstack finetune --save adapter`
+            writes: merged into the base weights at load (before `quantize`, which then quantizes the merged
+            weights), so the pipeline runs as fast as the base model.
     Returns:
         a Pipeline with `logits` and `complete`, plus the multimodal methods the checkpoint supports
         (`pipe.capabilities`).
     Raises:
         FileNotFoundError (`mmstack.hub.ModelNotFoundError`): no such folder or hub id; ConfigError /
-            CheckpointError / TokenizerError for a bad folder.
+            CheckpointError / TokenizerError for a bad folder; AdapterError for an adapter that is malformed or
+            was trained on another model (naming the file and key).
     """
     d = resolve_model(name_or_dir)
     cfg = read_config(d)
     device = torch.device(device) if device is not None else default_device()
+    adapter_dir = None if adapter is None else resolve_model(adapter, "adapter")
     model = load_model(d, device=device, dtype=resolve_dtype(dtype) or default_dtype(device), cfg=cfg,
-                       quantize=quantize)
+                       quantize=quantize, adapter=adapter_dir)
     if isinstance(tokenizer, Tokenizer):
         tk = tokenizer
     elif tokenizer is not None:

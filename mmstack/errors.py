@@ -7,6 +7,7 @@ Every public function documents which of these it raises; nothing else escapes t
 | `ConfigError` | ValueError | a `config.json` that cannot be read or describes an impossible model |
 | `ExportError` | ConfigError | a model that the requested export format cannot hold |
 | `CheckpointError` | ValueError | weights that are missing, mis-shaped, unreadable or tampered with |
+| `AdapterError` | CheckpointError | a LoRA adapter folder that is malformed or does not fit the base model |
 | `GenerationError` | ValueError | a request that cannot run: prompt too long, bad sampling settings, ... |
 | `TokenizerError` | ValueError | a tokenizer that is missing or lacks a token the family needs |
 | `CapabilityError` | RuntimeError | a task the loaded model has no path for (e.g. `describe` on a text model) |
@@ -25,6 +26,10 @@ class ExportError(ConfigError):
 
 class CheckpointError(ValueError):
     """Weights that cannot be loaded: missing / unexpected / mis-shaped keys, a malformed file."""
+
+
+class AdapterError(CheckpointError):
+    """A LoRA adapter folder that cannot be read, or whose tensors do not fit the base model (names the file and key)."""
 
 
 class GenerationError(ValueError):

@@ -45,7 +45,7 @@ def resolve_dtype(dtype) -> Optional[torch.dtype]:
 
 def load_model(model_dir: Union[str, Path], device=None, dtype=None, cfg: Optional[ModelConfig] = None,
                language_only: bool = False, parts: Optional[tuple] = None,
-               quantize: Optional[str] = None) -> MultimodalModel:
+               quantize: Optional[str] = None, adapter: Optional[Union[str, Path]] = None) -> MultimodalModel:
     """Load a checkpoint folder of any supported format.
 
     Args:
@@ -59,8 +59,11 @@ def load_model(model_dir: Union[str, Path], device=None, dtype=None, cfg: Option
         quantize: None, "int8" or "int4": weight-only quantization of the language model's linear and expert
             weights (`mmstack.quantize`). The weights are read into CPU memory and quantized layer by layer onto
             `device`, so the device never holds the full-precision language model.
+        adapter: a peft LoRA folder (`adapter_config.json` + `adapter_model.safetensors`, `mmstack.adapters`)
+            merged into the weights once they are loaded, before any quantization (the merged weights are
+            quantized).
     Raises:
-        ConfigError, CheckpointError with the file and the keys involved.
+        ConfigError, CheckpointError (AdapterError for the adapter) with the file and the keys involved.
     """
     model_dir = Path(model_dir)
     cfg = cfg or read_config(model_dir)
@@ -82,6 +85,10 @@ def load_model(model_dir: Union[str, Path], device=None, dtype=None, cfg: Option
         load_weights(model, files, key_table(cfg.source_format), dtype=dtype, device=staging, strict=parts is None)
     except CheckpointError as e:
         raise CheckpointError(f"{model_dir}: {e}") from None
+    if adapter is not None:
+        from .adapters import merge_adapter
+
+        merge_adapter(model, adapter)
     if quantize:
         quantize_model(model, quantize, device=device)
     model.language.fuse_projections()
