@@ -12,7 +12,8 @@ peft's `target_parameters`) follow peft's `ParamWrapper` layout, for a parameter
 
 and several targeted parameters of one module are nested wrappers, the first registered innermost: its keys carry
 one `.base_layer` per wrapper around it (`experts.base_layer.lora_A.weight` is `gate_up_proj`,
-`experts.lora_A.weight` is `down_proj`). Only safetensors are read; anything else in the folder is ignored.
+`experts.lora_A.weight` is `down_proj`; where the shapes tell them apart, the shapes decide). Only safetensors are
+read; anything else in the folder is ignored.
 
 Notation: E experts, r rank, out / in the matrix's output / input width.
 """
@@ -105,6 +106,13 @@ def _matches(name: str, targets: list[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in targets)
 
 
+def _fits(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether A [E*r, in] and B [out, r*E] fit a parameter [out, in] or [E, out, in]."""
+    experts, out_f, in_f = (1, *param.shape) if param.dim() == 2 else tuple(param.shape[-3:])
+    return (a.dim() == b.dim() == 2 and a.shape[0] % experts == 0 and a.shape[0] > 0
+            and tuple(a.shape) == (a.shape[0], in_f) and tuple(b.shape) == (out_f, a.shape[0]))
+
+
 def read_adapter(folder, model: nn.Module) -> list[LoraUpdate]:
     """Read and check a peft LoRA folder against `model` (before anything is changed).
 
@@ -147,20 +155,23 @@ def read_adapter(folder, model: nn.Module) -> list[LoraUpdate]:
         except AttributeError:
             raise AdapterError(f"{path}: key {first_key!r} names the module {module!r}, which the base model lacks "
                                f"(an adapter for another model?)") from None
-        # peft nests one wrapper per targeted parameter, the first registered innermost
+        (ka, a), (kb, b) = sides["A"], sides["B"]
+        # peft nests one wrapper per targeted parameter, the first registered innermost (peft 0.22); where the
+        # shapes tell the parameters apart, they decide, so another nesting order loads too
         wrapped = [n for n, _ in owner.named_parameters(recurse=False) if _matches(f"{module}.{n}", targets)]
         if wrapped:
             if depth >= len(wrapped):
                 raise AdapterError(f"{path}: key {first_key!r} is nested {depth} deep, but the adapter config targets "
                                    f"only {wrapped} on {module!r}")
-            pname = wrapped[len(wrapped) - 1 - depth]
+            by_order = wrapped[len(wrapped) - 1 - depth]
+            fitting = [n for n in wrapped if _fits(getattr(owner, n), a, b)]
+            pname = by_order if by_order in fitting or len(fitting) != 1 else fitting[0]
         elif isinstance(owner, nn.Linear) and depth == 0:
             pname = "weight"
         else:
             raise AdapterError(f"{path}: key {first_key!r}: {module!r} is a {type(owner).__name__}, neither a Linear "
                                f"layer nor the owner of a parameter in 'target_parameters'")
         param = getattr(owner, pname)
-        (ka, a), (kb, b) = sides["A"], sides["B"]
         experts, out_f, in_f = (1, *param.shape) if param.dim() == 2 else tuple(param.shape)
         if param.dim() not in (2, 3) or a.dim() != 2 or b.dim() != 2 or a.shape[0] % experts or a.shape[0] == 0:
             raise AdapterError(f"{path}: {ka!r} {tuple(a.shape)} / {kb!r} {tuple(b.shape)} do not fit "

@@ -270,3 +270,24 @@ def test_save_adapter_refuses_a_merged_model():
     merge_lora(model)
     with pytest.raises(ValueError, match="no LoRA adapters to save"):
         save_adapter(model, plan, "unused")
+
+
+def test_an_adapter_nesting_the_expert_tensors_the_other_way_round_loads_the_same(lora_run, tmp_path):
+    """peft versions differ in which stacked parameter's wrapper is outermost; the shapes decide where they can."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    good = lora_run / "adapter"
+    swapped = {}
+    for k, t in load_file(str(good / WEIGHTS_FILE)).items():
+        if ".experts.base_layer." in k:
+            k = k.replace(".experts.base_layer.", ".experts.")
+        elif ".experts." in k:
+            k = k.replace(".experts.", ".experts.base_layer.")
+        swapped[k] = t
+    (tmp_path / "s").mkdir()
+    save_file(swapped, str(tmp_path / "s" / WEIGHTS_FILE))
+    shutil.copy(good / "adapter_config.json", tmp_path / "s")
+    torch.testing.assert_close(mmstack.load(VL2, device="cpu", tokenizer=VL2_TOK, adapter=tmp_path / "s").logits(IDS),
+                               mmstack.load(lora_run / "model", device="cpu").logits(IDS))
