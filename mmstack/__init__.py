@@ -24,6 +24,7 @@ _LAZY = {
     "LMConfig": ("mmstack.config", "LMConfig"),
     "ConfigError": ("mmstack.errors", "ConfigError"),
     "CheckpointError": ("mmstack.errors", "CheckpointError"),
+    "AdapterError": ("mmstack.errors", "AdapterError"),
     "read_config": ("mmstack.formats", "read_config"),
     "build_model": ("mmstack.model", "build_model"),
     "save_pretrained": ("mmstack.export", "save_pretrained"),

@@ -19,7 +19,8 @@ from torch import nn
 
 import mmstack
 from golden import golden_dir
-from mmstack.adapters import WEIGHTS_FILE, AdapterError, read_adapter
+from mmstack import AdapterError
+from mmstack.adapters import WEIGHTS_FILE, read_adapter
 from mmstack.apps.lora import add_lora, check_qlora, merge_lora, save_adapter
 from mmstack.apps.train import TrainArgs, run
 from mmstack.llm.moe import Experts
