@@ -70,21 +70,27 @@ def _sampling(args) -> dict:
 
 
 def _info_args(p):
-    p.add_argument("model", help="model folder or hub id (org/name[@revision])")
+    p.add_argument("model", nargs="?", default=None,
+                   help="model folder or hub id (org/name[@revision]); default: the embedded demo model")
 
 
-@command("info", "show how a model folder is read (format, sizes, parts)", _info_args)
+@command("info", "show how a model folder is read (format, sizes, parts) and what it says about itself", _info_args)
 def cmd_info(args) -> int:
+    from mmstack.api import default_model_dir
     from mmstack.formats import read_config
     from mmstack.hub import resolve_model
 
-    cfg = read_config(resolve_model(args.model))
+    from .model_card import read_card
+
+    folder = resolve_model(args.model) if args.model else default_model_dir()
+    cfg = read_config(folder)
     lm = cfg.language
     out = {"source_format": cfg.source_format, "language": {
         "layers": lm.num_layers, "hidden": lm.hidden_size, "heads": lm.num_heads, "attention": lm.attention,
         "moe": None if lm.moe is None else {"experts": lm.moe.n_routed_experts, "top_k": lm.moe.num_experts_per_tok,
                                             "scoring": lm.moe.scoring_func, "method": lm.moe.topk_method},
         "vocab": lm.vocab_size, "kv_values_per_token": lm.kv_values_per_token()}, "parts": sorted(cfg.parts)}
+    out.update(read_card(folder, cfg).to_json_dict())
     print(json.dumps(out, indent=2))
     return 0
 

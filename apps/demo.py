@@ -56,10 +56,26 @@ def _max_new_tokens(h: Handlers, default: int) -> gr.Slider:
     return gr.Slider(1, context, value=min(default, context // 4), step=1, label="Max new tokens")
 
 
-def _chat_tab(h: Handlers) -> None:
+def _banner(text: Optional[str]) -> None:
+    """What the model is, on top of every tab, when its folder says (`model_card.banner`)."""
+    if text:
+        gr.Markdown(text, elem_classes=["model-banner"])
+
+
+def _model_name(pipe: Pipeline) -> str:
+    """The model's name or its folder's, never a server path."""
+    from pathlib import Path
+
+    return pipe.cfg.name or (Path(str(pipe.source)).name if pipe.source else "model")
+
+
+def _chat_tab(h: Handlers, examples: list) -> None:
     chatbot = gr.Chatbot(label="Chat", height=440, elem_id="chatbot")
     box = gr.MultimodalTextbox(file_types=["image"], file_count="multiple", show_label=False, elem_id="chat-input",
                                placeholder="Ask about one or more images (drop them here), then press Enter")
+    if examples:  # in the model's domain, from its folder: a click fills the box, Enter asks
+        gr.Examples([[{"text": text, "files": [image]}] for text, image in examples], inputs=box,
+                    label="Examples (click one, then press Enter)")
     with gr.Row():
         stop = gr.Button("Stop", variant="stop")
         regen = gr.Button("Regenerate")
@@ -100,10 +116,12 @@ def _generate_tab(h: Handlers, modes: list[str]) -> None:
           api_name="generate", **MODEL_QUEUE)
 
 
-def _documents_tab(h: Handlers) -> None:
+def _documents_tab(h: Handlers, examples: list) -> None:
     with gr.Row():
         with gr.Column():
             file = gr.File(label="Image or PDF", file_types=["image", ".pdf"], type="filepath", elem_id="doc-file")
+            if examples:
+                gr.Examples([[path] for path in examples], inputs=file, label="Examples (click one, then a button)")
             page = gr.Number(value=1, precision=0, minimum=1, label="PDF page")
             max_new = _max_new_tokens(h, 1024)
             with gr.Row():
@@ -114,6 +132,7 @@ def _documents_tab(h: Handlers) -> None:
             answer = gr.Textbox(label="Answer", lines=12, buttons=["copy"], elem_id="doc-answer")
             table = gr.Dataframe(label="Table", interactive=False)
             csv_file = gr.File(label="Table as CSV")
+    file.change(h.new_document, file, [preview, answer, table, csv_file], api_name="new_document", queue=False)
     ocr.click(h.ocr, [file, page, max_new], [preview, answer], api_name="ocr", **MODEL_QUEUE)
     chart.click(h.chart, [file, page, max_new], [preview, table, csv_file, answer], api_name="chart", **MODEL_QUEUE)
 
@@ -130,19 +149,39 @@ def build_app(pipe: Pipeline, max_queue: int = 20, title: str = "mmstack demo", 
     if not understands and not modes:
         raise CapabilityError(f"{pipe.source or 'this model'} neither reads nor generates images: nothing to demo")
     h = Handlers(pipe)
+    settings = demo_settings(pipe)
+    about = _about(pipe)
     with gr.Blocks(title=title) as demo:
-        gr.Markdown(f"## {title}\n`{pipe.source or 'model'}`")
+        gr.Markdown(f"## {title}\n`{_model_name(pipe)}`")
         if understands:
             with gr.Tab("Chat"):
-                _chat_tab(h)
+                _banner(about)
+                _chat_tab(h, settings.get("chat_examples", []))
         if modes:
             with gr.Tab("Text to image"):
+                _banner(about)
                 _generate_tab(h, modes)
         if understands:
             with gr.Tab("Documents"):
-                _documents_tab(h)
+                _banner(about)
+                _documents_tab(h, settings.get("document_examples", []))
     demo.queue(max_size=max_queue, default_concurrency_limit=max_batch)
     return demo
+
+
+def _about(pipe: Pipeline) -> Optional[str]:
+    """The banner of a model whose folder says what it was trained on (`model_card`), else None."""
+    from pathlib import Path
+
+    from .model_card import banner, read_card
+
+    if not pipe.source or not Path(pipe.source).is_dir():
+        return None
+    try:
+        return banner(read_card(pipe.source, pipe.cfg))
+    except (OSError, ValueError) as e:  # the card is information only: a bad side file hides it
+        log.warning("no model banner: %s", e)
+        return None
 
 
 MAX_JSON_BODY_MB = 2  # event payloads are text (chat histories link to uploads): anything larger is refused

@@ -19,7 +19,8 @@ from urllib.parse import quote, unquote
 from PIL import Image
 
 from mmstack.api import Pipeline
-from mmstack.vision.grounding import draw_boxes, parse_boxes, strip_grounding
+from mmstack.errors import CapabilityError, EngineBusy
+from mmstack.vision.grounding import draw_boxes, grounding_prompt, parse_boxes, strip_grounding
 from mmstack.vision.image_io import NATIVE, load_image
 
 from .demo_gradio import gr
@@ -32,16 +33,31 @@ CHART_PROMPT = "Convert the chart to a table."
 BOXES_MIN_SIDE = 320  # the boxes view enlarges smaller images by a whole factor
 
 
+# Mistakes a user can make (an unreadable image, a prompt too long, a model that cannot do that) and a full
+# queue: shown as their message, logged as one line. Anything else is a bug: its traceback goes to the log.
+USER_ERRORS = (ValueError, CapabilityError, EngineBusy, FileNotFoundError)
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:[\\/][^\s'\"\\/]+)+[\\/]([^\s'\"\\/]+)")
+
+
+def public_message(e: BaseException) -> str:
+    """An error's message with every absolute path cut to its file name: the page never shows server paths."""
+    return _PATH.sub(lambda m: m.group(1), str(e)).strip() or type(e).__name__
+
+
 @contextlib.contextmanager
 def _user_errors():
-    """Show failures (bad image, too many images, prompt too long ...) in the UI as one line."""
+    """Show failures in the UI as one line without server paths: a user's mistake is logged as one line, an
+    unexpected error with its traceback."""
     try:
         yield
     except gr.Error:
         raise
-    except Exception as e:  # the UI boundary: log the traceback, show the message
+    except USER_ERRORS as e:
+        log.warning("demo request refused: %s: %s", type(e).__name__, public_message(e))
+        raise gr.Error(public_message(e)) from None
+    except Exception as e:  # the UI boundary: a bug, logged in full
         log.exception("demo request failed")
-        raise gr.Error(f"{type(e).__name__}: {e}") from e
+        raise gr.Error(f"{type(e).__name__} (details in the server log)") from None
 
 
 # A user's image is shown in the chat history as a markdown image of the server's copy (the upload folder), so
@@ -116,6 +132,33 @@ def to_model_messages(history: list) -> list[dict]:
     return out
 
 
+# A plain request for a box, as a person would type it: "Where is the red circle?", "find the giraffe".
+_WHERE = re.compile(r"^\s*(?:where\s+(?:is|are)|where's|find|locate|show\s+me)\s+(.+?)\s*[?.!]*\s*$", re.IGNORECASE)
+
+
+def grounding_request(text: str) -> Optional[str]:
+    """The phrase of a plain request for boxes ("Where is the red circle?" -> "the red circle"), else None."""
+    m = _WHERE.match(text or "")
+    return m.group(1) if m and "<|" not in text else None
+
+
+def with_grounding(messages: list[dict]) -> list[dict]:
+    """`messages` with each user text that asks where something is turned into the model's grounding query
+    (`grounding_prompt`), when the conversation has an image: the model answers it with boxes."""
+    if not any(isinstance(m["content"], list) and any(c["type"] == "image" for c in m["content"]) for m in messages):
+        return messages
+    out = []
+    for m in messages:
+        if m["role"] == "user" and isinstance(m["content"], list):
+            parts = []
+            for c in m["content"]:
+                phrase = grounding_request(c["text"]) if c["type"] == "text" else None
+                parts.append({"type": "text", "text": grounding_prompt(phrase)} if phrase else c)
+            m = {**m, "content": parts}
+        out.append(m)
+    return out
+
+
 def _last_image(messages: list[dict]) -> Optional[str]:
     paths = [c["path"] for m in messages if isinstance(m["content"], list) for c in m["content"] if c["type"] == "image"]
     return paths[-1] if paths else None
@@ -136,7 +179,8 @@ class Handlers:
         """Append the user turn (text + images) and stream the answer. Yields (history, textbox, boxes)."""
         message = message or {}
         text = (message.get("text") or "").strip()
-        files = [keep_upload(f if isinstance(f, str) else f["path"]) for f in message.get("files") or []]
+        with _user_errors():
+            files = [keep_upload(f if isinstance(f, str) else f["path"]) for f in message.get("files") or []]
         if not text and not files:
             raise gr.Error("Type a question or attach an image.")
         # the images as markdown of the uploads: a history any client can send back as it got it
@@ -170,6 +214,8 @@ class Handlers:
         raw = ""
         with _user_errors():
             messages = to_model_messages(history)
+            if "grounding" in getattr(self.pipe, "capabilities", ()):
+                messages = with_grounding(messages)
             for delta in self.pipe.chat(messages, stream=True, **sampling):
                 raw += delta
                 yield history + [{"role": "assistant", "content": strip_grounding(raw)}], gr.skip()
@@ -206,6 +252,12 @@ class Handlers:
                                       **options)
 
     # ------------------------------------------------------------------ documents
+    def new_document(self, path: Optional[str] = None):
+        """A new file replaces the last one's results: (page, answer, table, CSV) all emptied."""
+        import pandas as pd
+
+        return None, "", pd.DataFrame(), None
+
     def _document(self, path: Optional[str], page):
         if not path:
             raise gr.Error("Upload an image or a PDF first.")

@@ -18,6 +18,10 @@ log = logging.getLogger(__name__)
 
 QUICK_PER_TASK = 12
 MARGIN = 0.15
+# each task's short name and metric, as `evaluate` scores it (for people: the demo's banner, `mmstack info`)
+TASK_NAMES = {"ocr": "OCR", "chart": "chart", "caption": "caption", "grounding": "grounding", "t2i": "text to image"}
+TASK_METRICS = {"ocr": "OCR exact match", "chart": "chart values within 5%", "caption": "caption objects",
+                "grounding": "boxes with IoU >= 0.5", "t2i": "text to image checked"}
 
 
 def _records(data_dir: Path, name: str) -> list[dict]:

@@ -6,7 +6,12 @@ jobs read these too.
 
     {"generate_examples": ["a red circle", ...],
      "chat_sampling": {"temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "max_new_tokens": 128},
-     "tasks": {"ocr": {"prompt": "Read the text in the image.", "max_new_tokens": 64}, "chart": {...}}}
+     "tasks": {"ocr": {"prompt": "Read the text in the image.", "max_new_tokens": 64}, "chart": {...}},
+     "examples": {"chat": [{"text": "Describe this image.", "image": "examples/scene.png"}],
+                  "documents": ["examples/chart.png"]},
+     "about": {"trained_on": "...", "real_model": "org/name"}}     # read by `model_card`
+
+Example images are paths inside the model folder (small PNG / JPEG files); any other path is ignored.
 """
 from __future__ import annotations
 
@@ -22,6 +27,8 @@ CHAT_DEFAULTS = dict(temperature=0.1, top_p=0.9, max_new_tokens=512, repetition_
 CHAT_LIMITS = dict(temperature=(0.0, 1.5), top_p=(0.05, 1.0), max_new_tokens=(1, 1 << 20), repetition_penalty=(1.0, 2.0))
 CFG_DEFAULTS = {"vq": 5.0, "flow": 2.0}
 SETTINGS_FILE = "demo.json"
+EXAMPLE_SUFFIXES = (".png", ".jpg", ".jpeg")
+MAX_EXAMPLE_BYTES = 1 << 20
 
 
 def _in_limits(key: str, value) -> bool:
@@ -60,6 +67,49 @@ def demo_settings(pipe) -> dict:
             out["chat_sampling"] = {**CHAT_DEFAULTS, **sampling}
         else:
             log.warning("%s: chat_sampling ignored (keys %s within %s)", path, sorted(CHAT_DEFAULTS), CHAT_LIMITS)
+    examples = raw.get("examples")
+    if examples is not None:
+        out.update(_examples(examples, path.parent, path))
+    return out
+
+
+def _example_file(folder: Path, name) -> Optional[str]:
+    """The absolute path of example `name` if it is a small image file inside `folder`, else None."""
+    if not isinstance(name, str) or not name or Path(name).is_absolute():
+        return None
+    target = (folder / name).resolve()
+    root = folder.resolve()
+    if root not in target.parents or target.suffix.lower() not in EXAMPLE_SUFFIXES or not target.is_file():
+        return None
+    return str(target) if target.stat().st_size <= MAX_EXAMPLE_BYTES else None
+
+
+def _examples(raw, folder: Path, where: Path) -> dict:
+    """`chat_examples` [(text, image path)] and `document_examples` [image path] from demo.json's "examples";
+    each entry that is not a small image inside the model folder is ignored with a warning."""
+    out: dict = {}
+    if not isinstance(raw, dict):
+        log.warning("%s: examples ignored (an object with chat and documents lists)", where)
+        return out
+    chat = []
+    for item in raw.get("chat") or []:
+        image = _example_file(folder, item.get("image")) if isinstance(item, dict) else None
+        text = item.get("text") if isinstance(item, dict) else None
+        if image and isinstance(text, str) and 0 < len(text) <= 500:
+            chat.append((text, image))
+        else:
+            log.warning("%s: chat example %.80r ignored (text and an image inside the model folder)", where, item)
+    docs = []
+    for name in raw.get("documents") or []:
+        image = _example_file(folder, name)
+        if image:
+            docs.append(image)
+        else:
+            log.warning("%s: document example %.80r ignored (an image inside the model folder)", where, name)
+    if chat:
+        out["chat_examples"] = chat[:8]
+    if docs:
+        out["document_examples"] = docs[:8]
     return out
 
 

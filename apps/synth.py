@@ -362,17 +362,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=1000, metavar="N", help="total samples over all kinds (default 1000)")
     parser.add_argument("--seed", type=int, default=0, metavar="S", help="same seed gives identical files")
     parser.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of scene,ocr,chart,t2i")
-    parser.add_argument("--image-size", type=int, default=96, help="understanding image side in px (default 96)")
-    parser.add_argument("--t2i-size", type=int, default=None, help="text-to-image side in px (default: --image-size)")
+    parser.add_argument("--image-size", type=int, default=None,
+                        help="understanding image side in px (default: the embedded model's input size, else 96)")
+    parser.add_argument("--t2i-size", type=int, default=None,
+                        help="text-to-image side in px (default: the embedded model's generated size, else --image-size)")
     parser.add_argument("--charset", default=CHARSET, help="OCR characters (default A-Z0-9)")
     parser.add_argument("--ocr-min-len", type=int, default=4, help="shortest OCR line (default 4)")
     parser.add_argument("--ocr-max-len", type=int, default=12, help="longest OCR line; 3 for a first curriculum stage")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset in --out")
 
 
+def embedded_sizes() -> tuple[int, Optional[int]]:
+    """(understanding side, text-to-image side) the embedded demo model was trained at, read from its config;
+    (96, None) in an installation without it. Images of these sizes reach the model as its training data did."""
+    from mmstack.api import default_model_dir
+    from mmstack.formats import read_config
+
+    try:
+        ip, head = (read_config(default_model_dir()).parts.get(k) for k in ("image_processing", "vq_head"))
+    except FileNotFoundError:
+        return 96, None
+    side = (ip.fit_size[0] if ip.fit_size else ip.image_size) if ip is not None else 96
+    return side, head.image_size if head is not None else None
+
+
 def main(args: argparse.Namespace) -> int:
     """Run `mmstack synth`; prints one summary line."""
     kinds = tuple(k.strip() for k in args.kinds.split(",") if k.strip())
+    if args.image_size is None:
+        args.image_size, t2i = embedded_sizes()
+        args.t2i_size = args.t2i_size or t2i
     summary = generate(args.out, args.n, args.seed, kinds, args.image_size, t2i_size=args.t2i_size,
                        charset=args.charset, ocr_min_len=args.ocr_min_len, ocr_max_len=args.ocr_max_len,
                        overwrite=args.overwrite)

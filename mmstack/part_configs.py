@@ -135,6 +135,10 @@ class ImageProcessingConfig:
     downsample_ratio: int = 2
     min_size: int = 14
     policy: str = "official"  # "official": convert("RGB"), no EXIF; "native": composite alpha, honour EXIF
+    # [width, height] a native model was trained at: every image is first fitted to it (aspect-preserving resize,
+    # centred on the background colour, as `ImageOps.pad`), so a photo or a larger scan reaches the model in the
+    # tiling its training used. None (every official format): images are tiled at their own size.
+    fit_size: Optional[list] = None
 
     def validate(self) -> None:
         if self.kind not in ("vl2_tiling", "square_pad"):
@@ -153,6 +157,13 @@ class ImageProcessingConfig:
                 check_float(x, f"image_processing.{name}[{i}]", *((0.0, None) if name == "image_std" else (-10.0, 10.0)))
         if self.kind == "vl2_tiling":
             self._check_resolutions()
+        if self.fit_size is not None:
+            if self.kind != "vl2_tiling":
+                raise ConfigError("image_processing.fit_size applies to vl2_tiling (square_pad already fits image_size)")
+            if not isinstance(self.fit_size, (list, tuple)) or len(self.fit_size) != 2:
+                raise ConfigError(f"image_processing.fit_size must be [width, height], got {self.fit_size!r}")
+            for v in self.fit_size:
+                check_int(v, "image_processing.fit_size", 1, 16384)
 
     def _check_resolutions(self) -> None:
         cands = self.candidate_resolutions

@@ -27,6 +27,9 @@ class TilingConfig:
     `for width, height in candidate_resolutions`. Order matters, since ties keep the earlier candidate.
     `image_size` (the tile side S) defaults to `candidate_resolutions[0][0]` as in the official
     processor, and `pad_color` to `int(mean * 255)` per channel (127 for mean 0.5).
+    `fit_size` (W, H), set by native models only (`image_processing.fit_size`): every image is first fitted to
+    it (`pad`: aspect-preserving, centred on `pad_color`), so any image gets the tiles of a W x H one; None, as
+    in every official processor, tiles each image at its own size.
     """
 
     candidate_resolutions: tuple[tuple[int, int], ...]
@@ -37,6 +40,7 @@ class TilingConfig:
     normalize: bool = True
     image_size: Optional[int] = None
     pad_color: Optional[tuple[int, ...]] = field(default=None)
+    fit_size: Optional[tuple[int, int]] = None
 
     def __post_init__(self):
         # frozen dataclass: derived defaults are filled in once, here
@@ -48,6 +52,8 @@ class TilingConfig:
         object.__setattr__(self, "image_size", size)
         if self.pad_color is None:
             object.__setattr__(self, "pad_color", tuple(int(m * 255) for m in self.image_mean))
+        if self.fit_size is not None:
+            object.__setattr__(self, "fit_size", (int(self.fit_size[0]), int(self.fit_size[1])))
         # the official crop loop steps by S while the token count floors W // S: both agree only for multiples
         bad = [c for c in cands if c[0] % size or c[1] % size]
         if bad:
@@ -81,7 +87,7 @@ class TilingConfig:
         """Local tile grid (tw, th) for an image of `size_wh`; `cropping=False` forces 1x1."""
         if not cropping:
             return 1, 1
-        bw, bh = select_best_resolution(size_wh, self.candidate_resolutions)
+        bw, bh = select_best_resolution(self.fit_size or size_wh, self.candidate_resolutions)
         return bw // self.image_size, bh // self.image_size
 
 
@@ -131,7 +137,8 @@ def tile_image(img: Image.Image, cfg: TilingConfig, tiles_wh: tuple[int, int]) -
     """Global view then the tw x th local tiles (row-major) of one RGB image.
 
     Both views are `ImageOps.pad` (aspect-preserving bicubic resize, centred on `pad_color`): the
-    global one to (S, S), the local one to (tw*S, th*S), which is then cut into S x S tiles.
+    global one to (S, S), the local one to (tw*S, th*S), which is then cut into S x S tiles. With
+    `cfg.fit_size` the image is first padded to that size, as the native model's training images were.
 
     Args:
         img: PIL image in mode "RGB".
@@ -144,6 +151,8 @@ def tile_image(img: Image.Image, cfg: TilingConfig, tiles_wh: tuple[int, int]) -
     if img.mode != "RGB":
         raise ValueError(f"tile_image: expected an RGB image, got mode {img.mode!r}; use img.convert('RGB')")
     S, (tw, th) = cfg.image_size, tiles_wh
+    if cfg.fit_size is not None and img.size != cfg.fit_size:
+        img = pad(img, cfg.fit_size, cfg.pad_color)  # [fit H, fit W]: the size the model was trained at
     glob = to_tensor(pad(img, (S, S), cfg.pad_color), cfg)  # [3, S, S]
     local = to_tensor(pad(img, (tw * S, th * S), cfg.pad_color), cfg)  # [3, th*S, tw*S]
     # elementwise transforms commute with cropping, so crop the tensor: tile k is at row k // tw, col k % tw

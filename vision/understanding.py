@@ -55,6 +55,8 @@ class Understanding:
                 "candidate_resolutions": self.ip.candidate_resolutions, "patch_size": self.ip.patch_size,
                 "downsample_ratio": self.ip.downsample_ratio, "image_mean": self.ip.image_mean,
                 "image_std": self.ip.image_std})
+            if self.ip.fit_size is not None:  # a native model trained at one size: every image fitted to it
+                tc = replace(tc, fit_size=tuple(self.ip.fit_size))
             self.processor = VL2Processor(tokenizer, tc, self.chat_cfg.image_tag)
         else:
             from .janus_processor import JanusProcessor

@@ -40,7 +40,7 @@ FORMATS = {fmt: mod for mod in (native, deepseek_vl2, multi_modality, hf_causal_
 EXPORT_SPECS = {**deepseek_vl2.EXPORTS, **multi_modality.EXPORTS, **hf_causal_lm.EXPORTS, **hf_janus.EXPORTS}
 # Every format's chat roles and image policy are chosen at load time (`chat_format=`, `image_policy=`).
 NOT_STORED_ANYWHERE = ("chat.user_role", "chat.assistant_role", "chat.system_prompt", "chat.sep", "chat.eos_text",
-                       "image_processing.policy")
+                       "image_processing.policy", "image_processing.fit_size")
 
 
 def read_config(source: Union[str, Path, dict], where: Optional[str] = None) -> ModelConfig:

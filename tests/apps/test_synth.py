@@ -218,3 +218,19 @@ def test_cli_synth_writes_the_dataset(tmp_path, capsys):
     assert len(_rows(out / "data.jsonl")) == 4 and len(_rows(out / "t2i.jsonl")) == 4
     assert cli.main(argv) == 1  # refuses to overwrite without --overwrite
     assert cli.main(argv + ["--overwrite"]) == 0
+
+
+def test_cli_synth_defaults_to_the_embedded_models_sizes(tmp_path):
+    from PIL import Image
+
+    from mmstack import cli
+    from mmstack.api import default_model_dir
+    from mmstack.formats import read_config
+
+    cfg = read_config(default_model_dir())
+    out = tmp_path / "default"
+    assert cli.main(["synth", "--out", str(out), "--n", "4", "--kinds", "scene,t2i"]) == 0
+    scene = Image.open(out / _rows(out / "data.jsonl")[0]["images"][0])
+    t2i = Image.open(out / _rows(out / "t2i.jsonl")[0]["image"])
+    assert list(scene.size) == list(cfg.parts["image_processing"].fit_size)
+    assert t2i.size == (cfg.parts["vq_head"].image_size,) * 2
