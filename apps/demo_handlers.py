@@ -230,7 +230,10 @@ class Handlers:
             k = max(1, BOXES_MIN_SIDE // max(image.size))
             if k > 1:
                 image = image.resize((image.width * k, image.height * k), Image.NEAREST)
-            boxes = parse_boxes(answer, image.width, image.height)
+            # the pipeline's reading of the boxes (a model with a fit size answers in its fitted frame)
+            understanding = getattr(self.pipe, "understanding", None)
+            boxes = (understanding.boxes(answer, image) if understanding is not None
+                     else parse_boxes(answer, image.width, image.height))
             if boxes:
                 return gr.Image(value=draw_boxes(image, boxes), visible=True)
         return gr.Image(value=None, visible=False)

@@ -160,6 +160,25 @@ def tile_image(img: Image.Image, cfg: TilingConfig, tiles_wh: tuple[int, int]) -
     return torch.cat([glob[None], local], dim=0)
 
 
+def fitted_region(size_wh: tuple[int, int], frame_wh: tuple[int, int]) -> tuple[int, int, int, int]:
+    """(x, y, w, h) that a `size_wh` image covers once `ImageOps.pad` fits it to `frame_wh`: boxes a model gives
+    in the frame's coordinates map back to the image through it.
+
+    Examples:
+        >>> fitted_region((200, 100), (64, 64))
+        (0, 16, 64, 32)
+    """
+    w, h = size_wh
+    W, H = frame_wh
+    if w / h > W / H:
+        ch = max(1, round(h / w * W))
+        return 0, round((H - ch) * 0.5), W, ch
+    if w / h < W / H:
+        cw = max(1, round(w / h * H))
+        return round((W - cw) * 0.5), 0, cw, H
+    return 0, 0, W, H
+
+
 def pad(img: Image.Image, size: tuple[int, int], color) -> Image.Image:
     """`ImageOps.pad` (the official resize + centre), except that an image too thin to keep one pixel across
     after the resize (a 1 x 5000 strip) is first widened to the least width that keeps one: the official

@@ -153,8 +153,22 @@ class Understanding:
                                              {"type": "text", "text": grounding_prompt(phrase.strip())}]}]
         return msgs, img
 
-    @staticmethod
-    def boxes(answer: str, img: Image.Image, phrase: str) -> list[Box]:
-        """The boxes of a grounding answer in `img`'s pixels, unlabelled ones labelled with `phrase`."""
-        boxes = parse_boxes(answer, img.width, img.height)
+    def boxes(self, answer: str, img: Image.Image, phrase: str = "") -> list[Box]:
+        """The boxes of a grounding answer in `img`'s pixels, unlabelled ones labelled with `phrase`. A model with
+        a fit size answers in the frame the image was fitted to: its boxes are mapped back out of the padding."""
+        fit = getattr(getattr(self.processor, "cfg", None), "fit_size", None)
+        if fit is None:
+            boxes = parse_boxes(answer, img.width, img.height)
+        else:
+            from .tiling import fitted_region
+
+            x0, y0, w, h = fitted_region(img.size, fit)
+            sx, sy = img.width / w, img.height / h
+
+            def back(v, o, s, hi):
+                return min(max((v - o) * s, 0.0), float(hi))
+
+            boxes = [replace(b, x1=back(b.x1, x0, sx, img.width), y1=back(b.y1, y0, sy, img.height),
+                             x2=back(b.x2, x0, sx, img.width), y2=back(b.y2, y0, sy, img.height))
+                     for b in parse_boxes(answer, *fit)]
         return [b if b.label else replace(b, label=phrase.strip()) for b in boxes]

@@ -74,3 +74,17 @@ def test_a_bad_fit_size_is_refused_by_name(bad, message):
     cfg = ImageProcessingConfig(**{**fields, **bad})
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
+
+
+def test_boxes_are_read_back_out_of_the_fitted_frame():
+    from mmstack.api import default_pipeline
+    from mmstack.vision.grounding import parse_boxes
+
+    u = default_pipeline().understanding
+    answer = "<|ref|>it<|/ref|><|det|>[[0, 250, 999, 749]]<|/det|>"  # the middle half of the 64 x 64 frame
+    wide = Image.new("RGB", (200, 100))  # fitted as 64 x 32 at y = 16: that half is the whole image
+    (box,) = u.boxes(answer, wide)
+    assert [round(v) for v in (box.x1, box.y1, box.x2, box.y2)] == [0, 0, 200, 100]
+    square = Image.new("RGB", (96, 96))  # a square image fills the frame: the plain reading
+    (got,), (plain,) = u.boxes(answer, square), parse_boxes(answer, 96, 96)
+    assert (got.x1, got.y1, got.x2, got.y2) == pytest.approx((plain.x1, plain.y1, plain.x2, plain.y2))
