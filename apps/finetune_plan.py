@@ -100,6 +100,10 @@ def model_config(spec: Union[str, Path]):
     return read_config(path)
 
 
+def _numel(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
 def _image_tokens(model, views: int, tiles: tuple[int, int], images: int) -> int:
     import torch
 
@@ -170,7 +174,7 @@ def memory_plan(model, lora_r: int = 0, qlora: bool = False, lora_targets: Optio
     net = build_model(cfg, "meta")
     lm = cfg.language
     autocast = device == "cuda" if autocast is None else autocast
-    a = 2 if autocast or qlora else 4
+    b_ = mf.Bytes(a=2 if autocast or qlora else 4, w=2 if qlora else 4, autocast=autocast and not qlora)
     lora_r = lora_r or (16 if qlora else 0)
     if lora_r:
         from .lora import add_lora
@@ -213,30 +217,41 @@ def memory_plan(model, lora_r: int = 0, qlora: bool = False, lora_targets: Optio
                            for i, blk in enumerate(net.language.layers))
         rows["bf16 weight copies (autocast)"] = 2 * (trainable_w + frozen_w)
     fused = device == "cuda" or lm.attention != "mla" or lm.mla.qk_nope_head_dim + lm.mla.qk_rope_head_dim == lm.mla.v_head_dim
-    layers = [mf.decoder_layer(lm, i, n, seq_len, a, g, fused, a) for i, g in enumerate(grads)]
+    layers = [mf.decoder_layer(lm, i, n, seq_len, b_, g, fused) for i, g in enumerate(grads)]
     vision_trains = any(p.requires_grad for k, p in params.items() if k.startswith("vision.") and k in used)
     proj_trains = vision_trains or any(p.requires_grad for k, p in params.items() if k.startswith("projector."))
-    act = mf.head_and_loss(lm, n, b * (seq_len - img), a, full=not lora_r)
+    act = mf.head_and_loss(lm, n, b * (seq_len - img), b_, full=not lora_r)
     if vision_trains:
-        act += mf.vision_tower(cfg.vision, b * views * images, a)
+        act += mf.vision_tower(cfg.vision, b * views * images, b_)
     if proj_trains and cfg.projector is not None:
         v = cfg.vision
-        act += mf.projector(cfg.projector, b * views * images * v.grid ** 2, b * img, a)
+        act += mf.projector(cfg.projector, b * views * images * v.grid ** 2, b * img, b_)
     if checkpointing:
-        act += mf.checkpointed_inputs(lm, n, a)
+        act += mf.checkpointed_inputs(lm, n, b_)
         rows["activations (saved for backward)"] = act
-        rows["one layer recomputed in backward"] = max(layers) - n * a * lm.hidden_size  # its input is kept anyway
+        rows["one layer recomputed in backward"] = max(layers) - n * b_.w * lm.hidden_size  # its input is kept anyway
     else:
-        rows["activations (saved for backward)"] = act + sum(layers) + mf.rope_tables(lm, n, a)
-    if shard > 1:
-        rows["FSDP gathered layers (2 in flight)"] = 2 * 4 * max(sum(p.numel() for p in blk.parameters())
-                                                               for blk in net.language.layers)
+        rows["activations (saved for backward)"] = act + sum(layers) + mf.rope_tables(lm, n, b_)
+    units = [(f"language.layers.{i}", blk, layers[i]) for i, blk in enumerate(net.language.layers)]
+    if shard > 1:  # FSDP groups: decoder layers and (every example has an image) vision blocks; the root stays whole
+        blocks = list(net.vision.tower.blocks) if net.vision is not None and images else []
+        unit_max = max(_numel(u) for u in [*net.language.layers, *blocks])
+        root = sum(p.numel() for p in params.values()) - sum(_numel(u) for u in [*net.language.layers, *blocks])
+        rows["FSDP gathered: root group + 2 layers"] = 4 * (root + 2 * unit_max)
     elif gpus > 1:
         rows["DDP gradient buckets"] = 4 * trainable
-    big = max(range(lm.num_layers), key=lambda i: sum(p.numel() for p in net.language.layers[i].parameters()) + layers[i])
-    blk = net.language.layers[big]
-    big_params = sum(p.numel() for p in blk.parameters())
-    big_train = sum(p.numel() for p in blk.parameters() if p.requires_grad)
+    head = mf.head_and_loss(lm, n, b * (seq_len - img), b_, full=not lora_r)
+    units += [("language.embed_tokens", net.language.embed_tokens, 0), ("language.lm_head", net.language.lm_head, head)]
+
+    def unit_bytes(unit) -> int:
+        _, mod, act_bytes = unit
+        train = sum(p.numel() for p in mod.parameters() if p.requires_grad)
+        return int((4 * _numel(mod) + 12 * train) / shard + act_bytes)
+
+    best = max(units, key=unit_bytes)
+    name, mod, _ = best
+    if name.startswith("language.layers."):
+        name += " (MoE)" if hasattr(mod.mlp, "gate") else " (dense)"
     notes = []
     if lora_r and any(g.experts_lora for g in grads):
         notes.append("LoRA on the stacked experts (peft target_parameters) materialises W + BA of each MoE layer's "
@@ -249,10 +264,9 @@ def memory_plan(model, lora_r: int = 0, qlora: bool = False, lora_targets: Optio
     mode = "full" if not lora_r else f"{'QLoRA' if qlora else 'LoRA'} r={lora_r}"
     setup = dict(checkpointing=checkpointing, gpus=gpus, parallel=parallel if gpus > 1 else "single", batch=b,
                  seq_len=seq_len, image_tokens=b * img, views=b * views * images, device=device,
-                 activation_dtype="bf16" if a == 2 else "fp32")
-    largest = dict(name=f"language.layers.{big} ({'MoE' if hasattr(blk.mlp, 'gate') else 'dense'})",
-                   parameters=big_params,
-                   bytes=int(big_params * 4 / shard + big_train * 12 / shard + layers[big]))
+                 activation_dtype="bf16 (autocast; residual stream fp32)" if b_.autocast else
+                 "bf16" if b_.a == 2 else "fp32")
+    largest = dict(name=name, parameters=_numel(mod), bytes=unit_bytes(best))
     return Plan(model=cfg.name or str(model), mode=mode, setup=setup, parameters=sum(p.numel() for p in params.values()),
                 trainable=trainable, bytes={k: int(v) for k, v in rows.items()}, largest_layer=largest, notes=notes)
 
