@@ -99,7 +99,10 @@ def measure_step(model, batch: MultimodalBatch, lora_r: int = 0, checkpointing: 
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=1e-4)
     loss_mod = LossModule(model)
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16, autocast):
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast(device.type, torch.bfloat16,
+                                                                                      enabled=autocast):
         loss, _ = loss_mod("understanding", batch)
     for h in hooks:
         h.remove()

@@ -119,3 +119,32 @@ def test_cli_plan_needs_no_data_and_prints_a_table_or_json(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "mmstack.apps.cli", "finetune", "--model", "x"], capture_output=True,
                          text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode != 0 and "--data" in bad.stderr
+
+
+@pytest.mark.parametrize("manifest", ["deepseek-vl2-tiny", "Janus-Pro-1B"])
+def test_a_manifest_plans_as_its_variant_name(manifest):
+    path = golden_dir() / "manifests" / f"{manifest}.json"
+    assert memory_plan(path, seq_len=2048).bytes == memory_plan(manifest, seq_len=2048).bytes
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lora_r", [0, 8], ids=["full", "lora"])
+def test_plan_on_cuda_matches_a_measured_step_and_the_allocator_peak(lora_r):
+    """The CUDA path (fused attention, bf16 autocast) on a random-weight shrink of DeepSeek-VL2-small: the saved
+    storages as on the CPU, and the allocator's peak, which adds transient buffers the plan does not list."""
+    from mmstack import variants
+    from mmstack.formats import read_config
+    from mmstack.model import build_model
+
+    cfg = read_config(variants.variant_config("deepseek-vl2-small", debug=True))
+    model = build_model(cfg, "cuda", torch.float32)
+    batch = understanding_batch(model.cpu(), 1024, tiles=(2, 2))
+    model.cuda()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    got = measure_step(model, batch, lora_r=lora_r, autocast=True)
+    peak = torch.cuda.max_memory_allocated() - base + got.parameters
+    plan = memory_plan(cfg, lora_r=lora_r, seq_len=1024, batch=1, images=1, tiles=(2, 2), device="cuda")
+    planned = plan.bytes["activations (saved for backward)"] + plan.bytes["bf16 weight copies (autocast)"]
+    assert _within(planned, got.activations, TOLERANCE), (planned, got.activations)
+    assert _within(plan.total, peak, 0.25), (plan.total, peak)
