@@ -31,12 +31,13 @@ def _start(device, dtype, port: int, max_batch: int):
 
     import uvicorn
 
-    from .serve import build, load_pipeline
+    from .serve import add_arguments, build, load_pipeline
 
-    args = argparse.Namespace(model=None, served_model_name="bench", host="127.0.0.1", port=port, api_key=None,
-                              device=str(device), dtype=str(dtype).replace("torch.", ""), tokenizer=None, vae=None,
-                              max_batch=max_batch, max_waiting=4 * max_batch, max_body_mb=16.0,
-                              allow_remote_media=False, allowed_local_media_path=None, demo=False)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # the real flags and their defaults
+    args = parser.parse_args(["--served-model-name", "bench", "--port", str(port), "--device", str(device),
+                              "--dtype", str(dtype).replace("torch.", ""), "--max-batch", str(max_batch),
+                              "--max-waiting", str(4 * max_batch)])
     asgi, state = build(args)
     state.pipe = load_pipeline(args)
     server = uvicorn.Server(uvicorn.Config(asgi, host="127.0.0.1", port=port, log_level="error"))

@@ -44,7 +44,7 @@ def test_core_does_not_import_heavy_optional_packages():
 
 def test_cli_exit_codes_and_one_line_errors(tmp_path):
     cli = [sys.executable, "-m", "mmstack.cli"]
-    assert subprocess.run(cli + ["info"], capture_output=True, cwd=REPO).returncode == 2  # usage error
+    assert subprocess.run(cli + ["describe"], capture_output=True, cwd=REPO).returncode == 2  # usage: no image
     r = subprocess.run(cli + ["info", str(tmp_path / "missing")], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and "no such model folder" in r.stderr and "Traceback" not in r.stderr

@@ -112,3 +112,16 @@ def test_bench_case_shapes_are_usage_errors(args, capsys):
 def test_bench_refuses_cases_beyond_the_context_before_building():
     with pytest.raises(ValueError, match="exceed the config's max_position_embeddings"):
         bench.run_suites(["mla-moe-decode"], size="smoke", prompts=[9000], new_tokens=8)
+
+
+def test_bench_serve_drives_the_real_server_over_http(tmp_path, capsys):
+    """The serve suite starts `mmstack serve` with the command's own flags (so new flags keep working) and
+    measures streaming chat requests through HTTP."""
+    out = tmp_path / "serve.json"
+    assert main(["bench", "serve", "--size", "smoke", "--repeat", "2", "--device", "cpu", "--json", str(out)]) == 0
+    assert "suite serve" in capsys.readouterr().out
+    (result,) = json.loads(out.read_text())["results"]
+    assert [r["concurrency"] for r in result["rows"]] == [1, 4]
+    for r in result["rows"]:
+        assert r["req_s"] > 0 and r["tok_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p95_s"]
+        assert r["req_s_spread"][0] <= r["req_s"] <= r["req_s_spread"][1]

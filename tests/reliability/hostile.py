@@ -406,11 +406,12 @@ def _server():
     """The real `mmstack serve` ASGI app on the embedded demo model, driven in-process (httpx's ASGI transport)."""
     import argparse
 
-    from mmstack.apps.serve import build, load_pipeline
+    from mmstack.apps.serve import add_arguments, build, load_pipeline
 
-    args = argparse.Namespace(model=None, served_model_name="m", host="127.0.0.1", port=0, api_key=None, device="cpu",
-                              dtype=None, tokenizer=None, vae=None, max_batch=4, max_waiting=8, max_body_mb=1.0,
-                              allow_remote_media=False, allowed_local_media_path=None, demo=False)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)  # the real flags, so new ones get their defaults
+    args = parser.parse_args(["--served-model-name", "m", "--port", "0", "--device", "cpu", "--max-batch", "4",
+                              "--max-waiting", "8", "--max-body-mb", "1.0"])
     asgi, state = build(args)
     state.pipe = load_pipeline(args)
     return asgi
