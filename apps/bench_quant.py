@@ -64,6 +64,7 @@ def _decode(lm, ids, new: int, device) -> tuple[list, float, float, int]:
 
 
 def _lm_rows(name: str, device, dtype, repeat: int) -> list[dict]:
+    from mmstack.llm.step import TUNE_AFTER_USES
     from mmstack.quantize import weight_bytes
 
     models, prompt, new = _models(name, device, dtype)
@@ -71,7 +72,10 @@ def _lm_rows(name: str, device, dtype, repeat: int) -> list[dict]:
     ids = torch.randint(3, vocab, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
     with torch.inference_mode():
         first = {s: lm.logits(lm(input_ids=ids)[:, -1]).float() for s, lm in models.items()}
-        toks = {s: _decode(lm, ids, new, device)[0] for s, lm in models.items()}  # also the warm-up
+        toks = {s: _decode(lm, ids, new, device)[0] for s, lm in models.items()}
+        for _ in range(TUNE_AFTER_USES):  # warm-up: lets the CPU decode step settle on eager or compiled
+            for lm in models.values():
+                _decode(lm, ids, new, device)
         runs = {s: [] for s in models}
         for _ in range(repeat):
             for s, lm in models.items():  # interleaved
