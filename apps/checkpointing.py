@@ -1,7 +1,8 @@
 """What a resumable fine-tuning run saves besides weights and optimizer: every random generator's state, and
 the metrics file cut back to the checkpoint's step; and reading a checkpoint back safely.
 
-Checkpoints are written with `mmstack.io.atomic.atomic_torch_save`, so a kill leaves the previous one whole.
+A checkpoint is `state.pt` (written with `mmstack.io.atomic.atomic_torch_save`, so a kill leaves the previous one
+whole) naming the folder of DCP shards that holds the weights and optimizer state (`sharded_checkpoint`).
 """
 from __future__ import annotations
 
@@ -52,7 +53,9 @@ def read_checkpoint(path: Path, mmap: bool = False) -> dict:
     except Exception as e:
         raise CheckpointError(f"{path}: cannot resume from it: not a checkpoint torch.load(weights_only=True) "
                               f"accepts ({type(e).__name__}: {str(e)[:300]})") from None
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(saved, dict) or k not in saved]
+    # the weights: a shard folder's name, or (checkpoints of earlier versions) full tensors inside
+    keys = CHECKPOINT_KEYS if not isinstance(saved, dict) or "shards" not in saved else CHECKPOINT_KEYS[2:]
+    missing = [k for k in keys if not isinstance(saved, dict) or k not in saved]
     if missing:
         what = type(saved).__name__ if not isinstance(saved, dict) else f"a dict without {missing}"
         raise CheckpointError(f"{path}: cannot resume from it: expected a training checkpoint, got {what}")

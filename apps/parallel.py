@@ -1,12 +1,14 @@
 """Data parallelism for the fine-tuning loop: the torchrun process group (rank, world size, device, sums over
-ranks), DDP, or FSDP2 (`fully_shard`) for models larger than one device; and training state as full
-(unsharded) tensors, so that a checkpoint and the final model folder have the same form whichever way they
-were trained, and any of them resumes under any mode.
+ranks), DDP, or FSDP2 (`fully_shard`) for models larger than one device, LoRA adapters included; and the full
+(unsharded) weights that the final model folder is written from. Resumable checkpoints are DCP shards, written and
+read without a gather (`sharded_checkpoint`); `load_state` reads the full-tensor checkpoints of earlier versions.
 
 FSDP groups: each decoder layer, each vision-tower block (when every rank runs the tower in every step),
 and the root, the `LossModule`, which holds the rest (embeddings, heads, projector, VQ, ...). Everything
 the losses touch runs inside `LossModule.forward`, so the root group is gathered whenever a weight of it
-is read, including by methods other than `forward` (`language.logits`, `vq_head.embed_codes`).
+is read, including by methods other than `forward` (`language.logits`, `vq_head.embed_codes`). Under LoRA the
+frozen base is sharded like any weight; peft's stacked-expert wrappers (`ParamWrapper`) add their update inside the
+decoder layer's forward, while FSDP holds the layer's weights gathered.
 """
 from __future__ import annotations
 
@@ -129,14 +131,15 @@ def tied_names(model: nn.Module) -> list[list[str]]:
     return [names for names in groups.values() if len(names) > 1]
 
 
-def model_state(wrapped: nn.Module, model: nn.Module, ties: list[list[str]]) -> dict:
-    """`model.state_dict()` as full CPU tensors. Under FSDP every rank must call it; only rank 0 gets the
-    tensors (the others get {}), with tied names sharing one tensor as in the unsharded model."""
+def model_state(wrapped: nn.Module, model: nn.Module, ties: list[list[str]], trainable_only: bool = False) -> dict:
+    """`model.state_dict()` as full CPU tensors (`trainable_only`: of the trainable weights alone). Under FSDP every
+    rank must call it; only rank 0 gets the tensors (the others get {}), with tied names sharing one tensor as in
+    the unsharded model."""
     if not is_fsdp(wrapped):
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    sd = get_model_state_dict(model, options=StateDictOptions(**_FULL))
+    sd = get_model_state_dict(model, options=StateDictOptions(**_FULL, ignore_frozen_params=trainable_only))
     for names in ties:
         if names[0] in sd:
             for name in names[1:]:
@@ -144,26 +147,10 @@ def model_state(wrapped: nn.Module, model: nn.Module, ties: list[list[str]]) -> 
     return sd
 
 
-def optimizer_state(wrapped: nn.Module, model: nn.Module, opt: torch.optim.Optimizer) -> dict:
-    """`opt.state_dict()` (parameters numbered in optimizer order) with full CPU tensors. Under FSDP every
-    rank must call it; only rank 0 gets the state (the others get {})."""
-    if not is_fsdp(wrapped):
-        return opt.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    by_name = get_optimizer_state_dict(model, opt, options=StateDictOptions(**_FULL))
-    if not by_name:
-        return {}
-    position = {id(p): i for i, p in enumerate(p for g in opt.param_groups for p in g["params"])}
-    index = {n: position[id(p)] for n, p in model.named_parameters(remove_duplicate=False) if id(p) in position}
-    return {"state": {index[n]: s for n, s in by_name["state"].items()},
-            "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]}
-
-
 def load_state(wrapped: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, model_sd: dict,
                opt_sd: dict) -> None:
-    """Load full state (as `model_state` / `optimizer_state` return it); under FSDP each rank keeps its
-    shards. Every rank passes the whole state."""
+    """Load full state (`model.state_dict()`, `opt.state_dict()`: what checkpoints of earlier versions hold); under
+    FSDP each rank keeps its shards. Every rank passes the whole state."""
     if not is_fsdp(wrapped):
         model.load_state_dict(model_sd)
         opt.load_state_dict(opt_sd)
@@ -186,13 +173,21 @@ def load_state(wrapped: nn.Module, model: nn.Module, opt: torch.optim.Optimizer,
             opt.state.pop(p, None)
 
 
-def full_model(like: nn.Module, sd: dict, ties: list[list[str]]) -> nn.Module:
+def full_model(like: nn.Module, sd: dict, ties: list[list[str]], prepare=None, strict: bool = True) -> nn.Module:
     """A plain model with `like`'s config holding the full state `sd` (CPU): what `save_pretrained` writes
-    after an FSDP run. Built on the meta device, so the tensors of `sd` are used, not copied."""
+    after an FSDP run. Built on the meta device, so the tensors of `sd` are used, not copied.
+
+    Args:
+        prepare: called on the meta model before loading (e.g. to add the LoRA adapters `sd` has keys of).
+        strict: False when `sd` holds only some weights (the others stay on the meta device).
+    """
     from mmstack.loading import build_model
 
     model = build_model(like.cfg, "meta")
-    model.load_state_dict(sd, assign=True)
+    if prepare is not None:
+        with torch.device("meta"):
+            prepare(model)
+    model.load_state_dict(sd, assign=True, strict=strict)
     for names in ties:  # assign=True gives each name its own Parameter: re-tie as the constructor did
         first = model.get_parameter(names[0])
         for name in names[1:]:

@@ -1,6 +1,6 @@
 """The fine-tuning loop: choose what trains (parts, LoRA), gradient accumulation and checkpointing,
-warmup + cosine LR, held-out eval loss, metrics JSONL, atomic resumable checkpoints, DDP or FSDP2 under
-torchrun (see `parallel`).
+warmup + cosine LR, held-out eval loss, metrics JSONL, atomic resumable checkpoints (DCP shards, resumable on any
+number of processes), DDP or FSDP2 (LoRA included) under torchrun (see `parallel`).
 
 Tasks: "understanding" (assistant-token CE), "vq" (image-code CE with prompt dropout), "flow" (velocity
 MSE with condition dropout), "vq_tokenizer" (VQ reconstruction), "mixed" (understanding + vq each step).
@@ -8,7 +8,8 @@ Resuming restores model, optimizer, scheduler, RNG and data position, so the los
 matches an uninterrupted run step for step (CPU, fixed seed).
 
 Around it: the options (`train_args.TrainArgs`), the batches (`train_batches`), what a checkpoint holds
-besides weights (`checkpointing`) and the process group and wrapping (`parallel`).
+besides weights (`checkpointing`), the sharded checkpoints (`sharded_checkpoint`), the process group and wrapping
+(`parallel`) and the final outputs (`train_output`).
 """
 from __future__ import annotations
 
@@ -25,11 +26,12 @@ import torch
 
 from mmstack.io.atomic import atomic_torch_save
 
-from . import parallel
-from .checkpointing import read_checkpoint, rng_state, set_rng_state, truncate_metrics
+from . import parallel, sharded_checkpoint
+from .checkpointing import rng_state, set_rng_state, truncate_metrics
 from .parallel import all_sum, dist_info, init_distributed
 from .train_args import SAVE, TrainArgs
 from .train_batches import Batcher, ImageCodes, make_batch
+from .train_output import write_outputs
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +151,7 @@ def run(args: TrainArgs) -> Path:
     with exclusive_lock(out / ".lock", what=f"the run folder {out}"):
         for folder in (out, out / "checkpoint", out / "adapter"):  # temporary files of saves a kill interrupted
             clean_stale_temps(folder)
+        sharded_checkpoint.clean_stale_folders(out / "checkpoint")
         return _run(args)
 
 
@@ -172,7 +175,6 @@ def _fits(pipe):
 
 def _run(args: TrainArgs) -> Path:
     import mmstack
-    from mmstack.loading import save_pretrained
 
     from .data import load_examples
 
@@ -181,8 +183,6 @@ def _run(args: TrainArgs) -> Path:
         raise ValueError(f"--parallel must be one of {parallel.MODES}, got {args.parallel!r}")
     rank, world = dist_info()
     mode = args.parallel if world > 1 else None
-    if mode == "fsdp" and args.lora_r:
-        raise ValueError("--lora-r with --parallel fsdp is not supported yet (use --parallel ddp)")
     if args.save not in SAVE or (args.save != "merged" and not args.lora_r):
         raise ValueError(f"--save {args.save} needs LoRA (--lora-r): without it the run saves the whole model"
                          if args.save in SAVE else f"--save must be one of {SAVE}, got {args.save!r}")
@@ -234,10 +234,9 @@ def _run(args: TrainArgs) -> Path:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
     state = {"step": 0, "pos": {"und": 0, "t2i": 0}}
     gen = torch.Generator().manual_seed(args.seed + 17)  # condition dropout, flow noise and times
-    ckpt = out / "checkpoint" / "state.pt"
-    if args.resume and ckpt.exists():
-        saved = read_checkpoint(ckpt, mmap=mode == "fsdp")
-        parallel.load_state(loss_mod, model, opt, saved["model"], saved["optimizer"])
+    ckpt = out / "checkpoint"  # state.pt + DCP shards (`sharded_checkpoint`): resumes on any number of processes
+    if args.resume and (ckpt / "state.pt").exists():
+        saved = sharded_checkpoint.load(ckpt, loss_mod, model, opt)
         sched.load_state_dict(saved["scheduler"])
         set_rng_state(saved["rng"])
         if "task_rng" in saved:  # older checkpoints lack it: their vq/flow curves diverge after a resume
@@ -293,32 +292,14 @@ def _run(args: TrainArgs) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
         if step % args.save_every == 0 or step == args.steps:
-            full = {"model": parallel.model_state(loss_mod, model, ties),  # under FSDP: all ranks gather
-                    "optimizer": parallel.optimizer_state(loss_mod, model, opt)}
-            if rank == 0:
-                ckpt.parent.mkdir(parents=True, exist_ok=True)
-                atomic_torch_save({**full, "scheduler": sched.state_dict(), "rng": rng_state(),
-                                   "task_rng": gen.get_state(), "state": state}, ckpt)
-            del full
+            trainer = {"scheduler": sched.state_dict(), "rng": rng_state(), "task_rng": gen.get_state(), "state": state}
+            sharded_checkpoint.save(ckpt, model, opt, trainer, step)  # every rank writes its own shards
         if args.stop_after is not None and step >= args.stop_after:
             bar.close()
             return out
     bar.close()
-    if mode == "fsdp":  # every rank gathers; rank 0 writes a plain model holding the full weights
-        sd = parallel.model_state(loss_mod, model, ties)
-        model = parallel.full_model(model, sd, ties) if rank == 0 else None
-    if rank == 0:
-        if lora is not None and args.save in ("adapter", "both"):
-            from .lora import save_adapter
-
-            save_adapter(model, lora, out / "adapter", base=args.model)
-        if lora is None or args.save in ("merged", "both"):
-            if lora is not None:
-                from .lora import merge_lora
-
-                merge_lora(model)
-            tok_dir = Path(pipe.tokenizer.source).parent if pipe.tokenizer is not None else None
-            save_pretrained(model.eval(), out / "model", tokenizer_dir=tok_dir)
+    tok_dir = Path(pipe.tokenizer.source).parent if pipe.tokenizer is not None else None
+    write_outputs(args, out, loss_mod, model, lora, ties, tok_dir, rank)  # under FSDP: every rank gathers
     return out
 
 
