@@ -10,7 +10,8 @@ A save writes the shards into `.tmp-shards-000004/`, renames that folder to `sha
 `state.pt` atomically (`mmstack.io.atomic`), and only then removes older shard folders. `state.pt` is the commit
 point: a kill at any moment leaves the previous `state.pt` and the folder it names whole, and a half-written folder
 never looks complete (`run` removes `.tmp-*` folders at the next start). Frozen weights (the LoRA base, parts
-outside `--train`) are not saved: they are what `--model` holds, and a resume loads them from there.
+outside `--train`) are not saved: they are what `--model` holds, and a resume loads them from there. The folder
+must be one that every rank sees (a shared filesystem across nodes), as DCP's `FileSystemWriter` needs.
 
 Reading is as safe as `torch.load(weights_only=True)`: DCP unpickles its `.metadata` and its non-tensor values with
 plain pickle, so here the metadata goes through an allow-list of DCP's own classes and the values through
