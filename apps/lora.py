@@ -24,7 +24,7 @@ from .lora_targets import GROUPS, Targets, resolve_targets
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LoraPlan", "add_lora", "merge_lora", "save_adapter", "check_qlora"]
+__all__ = ["LoraPlan", "add_lora", "merge_lora", "save_adapter", "check_qlora", "track_adapter_use"]
 
 
 @dataclass
@@ -73,6 +73,25 @@ def add_lora(model: nn.Module, r: int, alpha: int, targets: list[str], dropout: 
         p.requires_grad_("lora_" in n)
         trainable += p.numel() if p.requires_grad else 0
     return LoraPlan(config, found, trainable, total)
+
+
+def track_adapter_use(model: nn.Module) -> set:
+    """A set that collects the names of the adapter weights of every LoRA layer running a forward with autograd on
+    (clear it after each step). Under FSDP a reached adapter weight can have an all-zero gradient (A while B is
+    still zero, as it starts), which looks like the reduced zeros of a weight no rank reached; this tells them apart
+    (`parallel.drop_unreached_grads`), so that A takes its first AdamW step when a single process would."""
+    from peft.tuners.lora import LoraLayer
+
+    used: set = set()
+
+    def hook(names):
+        return lambda module, args: used.update(names) if torch.is_grad_enabled() else None
+
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):  # nested wrappers too: an outer one runs the inner ones
+            names = [f"{name}.{n}" for n, _ in module.named_parameters() if "lora_" in n]
+            module.register_forward_pre_hook(hook(names))
+    return used
 
 
 def _param_wrapper_chain(module) -> list:

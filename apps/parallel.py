@@ -97,17 +97,21 @@ def wrap(loss_mod: nn.Module, mode: str, device: torch.device, shard_vision: boo
     return loss_mod
 
 
-def drop_unreached_grads(params: list) -> None:
+def drop_unreached_grads(params: list, reached=frozenset()) -> None:
     """Under FSDP, after backward: give a gradient of None back to each parameter that no rank reached.
 
     Reducing unused parameters (see `wrap`) hands those all-zero gradients, and AdamW would then create
     state for them and decay them, which DDP and a single process do not do (their gradient stays None):
-    a weight that is never used (timm's attention-pool head) would end up different.
+    a weight that is never used (timm's attention-pool head) would end up different. An all-zero gradient
+    is taken for "not reached" unless the parameter is in `reached` on some rank: a weight known to be in this
+    step's graph whose true gradient is zero (LoRA's A while B is still zero, `lora.track_adapter_use`).
     """
     if not params:
         return
     none = torch.zeros((), dtype=torch.bool, device=params[0].device)
-    hit = torch.stack([p.grad.to_local().ne(0).any() if p.grad is not None else none for p in params]).float()
+    yes = torch.ones((), dtype=torch.bool, device=params[0].device)
+    hit = torch.stack([yes if p in reached else p.grad.to_local().ne(0).any() if p.grad is not None else none
+                       for p in params]).float()
     torch.distributed.all_reduce(hit, op=torch.distributed.ReduceOp.MAX)
     for p, h in zip(params, hit.tolist()):
         if not h:

@@ -230,6 +230,12 @@ def _run(args: TrainArgs) -> Path:
             log.info("some examples have no image: the vision tower stays in the root FSDP group")
         loss_mod = parallel.wrap(loss_mod, mode, device, shard_vision=shard_vision)
     trainable = [p for p in loss_mod.parameters() if p.requires_grad]  # after wrap: FSDP replaces them
+    used: set = set()  # under FSDP, names of adapter weights in this step's graph (see drop_unreached_grads)
+    if mode == "fsdp" and lora is not None:
+        from .lora import track_adapter_use
+
+        used = track_adapter_use(model)
+    by_name = dict(model.named_parameters())
     opt = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args))
     state = {"step": 0, "pos": {"und": 0, "t2i": 0}}
@@ -274,7 +280,8 @@ def _run(args: TrainArgs) -> Path:
                 total += all_sum(float(loss.detach()) * n) / max(n_all, 1) / args.grad_accum
             logged[f"loss_{task}"] = total
         if mode == "fsdp":
-            parallel.drop_unreached_grads(trainable)
+            parallel.drop_unreached_grads(trainable, {by_name[n] for n in used})
+            used.clear()
         norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # a DTensor under FSDP (same value on each rank)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         opt.step()
