@@ -69,7 +69,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompts", default=None, metavar="N,N,...", type=_lengths,
                    help="mla-moe-decode: prompt lengths to run, one case each (default: the size's)")
     p.add_argument("--new-tokens", type=_positive, default=None, help="mla-moe-decode: tokens generated per case")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--threads", type=_positive, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the results here")
 
 
@@ -80,7 +80,8 @@ def run_suites(names: list[str], size: str = "cpu", device=None, dtype=None, aga
     `new_tokens` shape the mla-moe-decode cases (`bench_suites.mla_moe_decode`).
 
     Raises:
-        ValueError: an unknown suite or size, or fewer than 5 repeats (except at size "smoke").
+        ValueError: an unknown suite or size, fewer than 5 repeats (except at size "smoke"), or a `config` file that
+            is not a JSON object (naming the file); ConfigError: its architecture is impossible (naming the field).
         GateError: the two sides of a case disagree (nothing of that suite is timed).
     """
     from mmstack.loading import default_device, default_dtype, resolve_dtype
@@ -99,7 +100,7 @@ def run_suites(names: list[str], size: str = "cpu", device=None, dtype=None, aga
         raise ValueError("--config, --prompts and --new-tokens apply to the mla-moe-decode suite alone")
     options = {}
     if shaped:
-        options = dict(config=_read_config(config) if config else None, prompts=prompts, new_tokens=new_tokens)
+        options = dict(config=_read_config(config, size) if config else None, prompts=prompts, new_tokens=new_tokens)
     if threads:
         torch.set_num_threads(threads)
     device = torch.device(device) if device is not None else default_device()
@@ -118,15 +119,28 @@ def run_suites(names: list[str], size: str = "cpu", device=None, dtype=None, aga
     return results
 
 
-def _read_config(path: str) -> dict:
-    from mmstack.io.files import read_text
+def _read_config(path: str, size: str = "cpu") -> dict:
+    from mmstack.errors import ConfigError
+    from mmstack.formats import read_config
+    from mmstack.io.files import UnsafeFileError, read_text
+
+    from .bench_suites import mla_config
 
     try:
         cfg = json.loads(read_text(path, what="config file"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not JSON ({e})") from None
+    except UnsafeFileError as e:  # a FIFO, a device, a file over the size limit
+        raise ValueError(str(e)) from None
+    except (ValueError, RecursionError) as e:  # invalid JSON or UTF-8, absurdly deep nesting
+        raise ValueError(f"{path}: not JSON ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(cfg, dict):
         raise ValueError(f"{path}: a config file holds a JSON object")
+    # the architecture the suite would build, validated as a DeepSeek-V2 config.json before transformers builds it
+    # (types, ranges, sizes: a zero head count or 10^5 layers is refused here, naming the file and field)
+    arch = mla_config(size, cfg)
+    try:
+        read_config({**arch, "model_type": "deepseek_v2"}, where=path)
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in the architecture --config gives the mla-moe-decode suite)") from None
     return cfg
 
 

@@ -211,10 +211,16 @@ def cmd_chat(args) -> int:
         history.append({"role": "user", "content": pending + [{"type": "text", "text": line}]})
         pending = []
         answer = ""
-        for delta in pipe.chat(history, **_sampling(args)):
-            answer += delta
-            sys.stdout.write(delta)
-            sys.stdout.flush()
+        try:
+            for delta in pipe.chat(history, **_sampling(args)):
+                answer += delta
+                sys.stdout.write(delta)
+                sys.stdout.flush()
+        except ValueError as e:  # a bad /image file, a turn over a limit: this turn is dropped, the chat goes on
+            history.pop()
+            print(f"\nmmstack chat: error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+                  "(turn dropped; the conversation goes on)", file=sys.stderr)
+            continue
         sys.stdout.write("\n")
         history.append({"role": "assistant", "content": answer})
 

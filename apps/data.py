@@ -123,8 +123,8 @@ def iter_examples(paths: Union[str, Path, list], check_images: bool = True, fits
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     for path in map(Path, paths):
-        if not path.is_file():
-            raise DataError(f"{path}: no such data file")
+        if not path.exists():
+            raise DataError(f"{path}: no such data file")  # a FIFO, device or folder: refused by name in `records`
         for n, obj in _records(path):
             where = f"{path}:{n}"
             try:

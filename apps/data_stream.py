@@ -5,21 +5,24 @@ Memory stays at about one record plus one read chunk, whatever the file size.
     for n, obj in records(Path("llava_665k.json")):   # n: JSONL line / 1-based item of a JSON array
         ...                                            # obj: the parsed record, or a DataError for that n
 
-A record that is not valid UTF-8 JSON is a `DataError` yielded at its number (JSONL: the line, which does not stop
-the file; JSON array: the broken item, after which the rest of the array cannot be located, so the file ends
-there). A JSON file that is a single object (not an array) is one record, parsed whole within `JSON_MAX_BYTES`.
+A record that is not valid UTF-8 JSON, or longer than `RECORD_MAX_CHARS`, is a `DataError` yielded at its number
+(JSONL: the line, which does not stop the file; JSON array: the item, and when its JSON is broken the rest of the
+array cannot be located, so the file ends there; invalid UTF-8 inside an item refuses that item only). A JSON file
+that is a single object (not an array) is one record, parsed whole within `JSON_MAX_BYTES` (the record limit).
 """
 from __future__ import annotations
 
 import codecs
 import json
+import re
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-JSON_MAX_BYTES = 1 << 30  # a .json file that is one object (not an array) is parsed whole
-RECORD_MAX_CHARS = 1 << 26  # one item of a JSON array: a broken one is not read to the end of a huge file
+RECORD_MAX_CHARS = 1 << 26  # one record: a JSONL line (bytes) or a JSON array item (a broken one is not read to the end)
+JSON_MAX_BYTES = RECORD_MAX_CHARS  # a .json file that is one object (one record, not an array) is parsed whole
 CHUNK = 1 << 16  # bytes read at a time from a JSON array
 _WS = " \t\n\r"
+_INVALID = re.compile("[\udc80-\udcff]")  # what `surrogateescape` makes of bytes that are not UTF-8
 
 
 class DataError(ValueError):
@@ -44,7 +47,17 @@ def records(path: Path) -> Iterator[tuple[int, object]]:
 
 
 def _jsonl(f: BinaryIO) -> Iterator[tuple[int, object]]:
-    for n, raw in enumerate(f, 1):
+    n = 0
+    while True:
+        raw = f.readline(RECORD_MAX_CHARS + 1)  # a line is read whole only up to the record limit
+        if not raw:
+            return
+        n += 1
+        if len(raw) > RECORD_MAX_CHARS and not raw.endswith(b"\n"):
+            while raw and not raw.endswith(b"\n"):  # the rest of the line, a chunk at a time
+                raw = f.readline(CHUNK)
+            yield n, DataError(f"a line over {RECORD_MAX_CHARS} bytes (one record is at most that)")
+            continue
         if not raw.strip():
             continue
         try:
@@ -60,7 +73,9 @@ class _Text:
 
     def __init__(self, f: BinaryIO):
         self.f, self.buf, self.eof = f, "", False
-        self.dec = codecs.getincrementaldecoder("utf-8")()  # strict: invalid bytes raise UnicodeDecodeError
+        # invalid bytes become lone surrogates (U+DC80..U+DCFF, which JSON text cannot hold raw): the item holding
+        # them is refused on its own and the items around it still parse
+        self.dec = codecs.getincrementaldecoder("utf-8")("surrogateescape")
 
     def more(self) -> bool:
         if self.eof:
@@ -104,7 +119,10 @@ def _json(f: BinaryIO) -> Iterator[tuple[int, object]]:
             n += 1
             if i >= CHUNK:  # forget what was read, now and then (not per item: that copies the buffer each time)
                 i = text.drop(i)
+            start = i
             obj, i = _one(decoder, text, i)
+            if _INVALID.search(text.buf, start, i):
+                obj = DataError("not valid UTF-8 JSON (UnicodeDecodeError: invalid bytes in this item)")
             yield n, obj
             i = text.skip_ws(i)
             if i < len(text.buf) and text.buf[i] == ",":

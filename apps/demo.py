@@ -23,6 +23,7 @@ from mmstack.api import CapabilityError, Pipeline
 from .demo_gradio import gr
 from .demo_handlers import BOXES_MIN_SIDE, CHART_PROMPT, OCR_PROMPT, Handlers, to_model_messages
 from .demo_tables import chart_table, parse_markdown_table, pdf_page
+from .arg_types import at_least, port, positive_float
 from .model_args import add_model_arguments, load_kwargs
 from .model_settings import CFG_DEFAULTS, CHAT_DEFAULTS, CHAT_LIMITS, SETTINGS_FILE, cfg_default, demo_settings
 
@@ -217,12 +218,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The `mmstack demo` flags."""
     add_model_arguments(parser)
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--port", type=port(1), default=7860)
     parser.add_argument("--share", action="store_true", help="also open a public gradio.live link")
-    parser.add_argument("--max-queue", type=int, default=20, help="requests that may wait in the queue")
-    parser.add_argument("--max-batch", type=int, default=MAX_BATCH,
+    parser.add_argument("--max-queue", type=at_least(0), default=20, help="requests that may wait in the queue")
+    parser.add_argument("--max-batch", type=at_least(1), default=MAX_BATCH,
                         help=f"requests served at once, batched by the engine (default {MAX_BATCH})")
-    parser.add_argument("--max-upload-mb", type=float, default=25, help="largest accepted upload")
+    parser.add_argument("--max-upload-mb", type=positive_float, default=25, help="largest accepted upload")
 
 
 def main(args: argparse.Namespace) -> int:

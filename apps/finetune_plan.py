@@ -89,14 +89,27 @@ def model_config(spec: Union[str, Path]):
     """The `ModelConfig` of a released variant's name (`mmstack.variants`), a model folder, a `config.json`, or a
     manifest holding one under "config"."""
     from mmstack import variants
+    from mmstack.errors import ConfigError
     from mmstack.formats import read_config
+    from mmstack.io.files import UnsafeFileError, read_text
 
     path = Path(spec)
-    if not path.exists():
-        return read_config(variants.variant_config(str(spec)))  # KeyError names the known variants
-    if path.is_file():
-        data = json.loads(path.read_text())
-        return read_config(data.get("config", data) if isinstance(data, dict) else data)
+    if not path.exists() and not path.is_symlink():
+        try:
+            return read_config(variants.variant_config(str(spec)))
+        except KeyError as e:  # names the known variants
+            raise ConfigError(f"{spec}: no such model folder or file, and {e.args[0]}") from None
+    if not path.is_dir():  # a config.json or a manifest holding one under "config"; a FIFO or device is refused by name
+        try:
+            data = json.loads(read_text(path, what="config file"))
+        except UnsafeFileError as e:
+            raise ConfigError(str(e)) from None
+        except (ValueError, RecursionError) as e:  # invalid JSON or UTF-8, absurdly deep nesting
+            raise ConfigError(f"{path}: not valid JSON ({type(e).__name__}: {str(e)[:200]})") from None
+        data = data.get("config", data) if isinstance(data, dict) else data
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a config.json object (or a manifest with one under \"config\")")
+        return read_config(data, where=str(path))
     return read_config(path)
 
 
@@ -162,8 +175,12 @@ def memory_plan(model, lora_r: int = 0, qlora: bool = False, lora_targets: Optio
         device: "cuda" (fused attention) or "cpu" (attention without the fused kernel when q/k and v widths
             differ); autocast: bf16 autocast (default: on CUDA, as the trainer).
     Raises:
-        ValueError: a sequence too short for its image tokens, or no trainable parameter.
+        ValueError: a size no trainer could run (a count below 1, tiles outside 1..64, a sequence beyond the
+            context or too short for its image tokens; named by its flag), or no trainable parameter.
+        ConfigError: a config file that is not one (naming the file), or an unknown variant.
     """
+    import torch
+
     from mmstack.config import ModelConfig
     from mmstack.model import build_model
 
@@ -171,6 +188,7 @@ def memory_plan(model, lora_r: int = 0, qlora: bool = False, lora_targets: Optio
     from .train_args import TrainArgs
 
     cfg = model if isinstance(model, ModelConfig) else model_config(model)
+    _check_setup(cfg, lora_r=lora_r, gpus=gpus, seq_len=seq_len, batch=batch, images=images, tiles=tiles)
     net = build_model(cfg, "meta")
     lm = cfg.language
     autocast = device == "cuda" if autocast is None else autocast
@@ -180,7 +198,8 @@ def memory_plan(model, lora_r: int = 0, qlora: bool = False, lora_targets: Optio
         from .lora import add_lora
 
         targets = lora_targets or TrainArgs.__dataclass_fields__["lora_targets"].default
-        add_lora(net, lora_r, 2 * lora_r, targets.split(","))
+        with torch.device("meta"):  # the adapters too: a plan allocates nothing, whatever the rank
+            add_lora(net, lora_r, 2 * lora_r, targets.split(","))
     else:
         select_trainable(net, train)
     params = dict(net.named_parameters())
@@ -269,6 +288,23 @@ def memory_plan(model, lora_r: int = 0, qlora: bool = False, lora_targets: Optio
     largest = dict(name=name, parameters=_numel(mod), bytes=unit_bytes(best))
     return Plan(model=cfg.name or str(model), mode=mode, setup=setup, parameters=sum(p.numel() for p in params.values()),
                 trainable=trainable, bytes={k: int(v) for k, v in rows.items()}, largest_layer=largest, notes=notes)
+
+
+def _check_setup(cfg, **setup) -> None:
+    """The run's sizes as a trainer could run them, each refused by its flag: counts from 1 (images and the LoRA rank
+    from 0), a sequence within the model's context."""
+    lows = dict(lora_r=0, gpus=1, seq_len=1, batch=1, images=0)
+    flags = dict(batch="batch-size")
+    for name, lo in lows.items():
+        v = setup[name]
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise ValueError(f"--{flags.get(name, name).replace('_', '-')} must be an integer >= {lo}, got {v!r}")
+    tw, th = setup["tiles"]
+    if min(tw, th) < 1 or tw * th > 64:
+        raise ValueError(f"--tiles {tw}x{th}: each side at least 1, at most 64 tiles in all")
+    context = cfg.language.max_position_embeddings
+    if setup["seq_len"] > context:
+        raise ValueError(f"--seq-len {setup['seq_len']} exceeds the model context ({context} tokens)")
 
 
 def parse_tiles(text: str) -> tuple[int, int]:

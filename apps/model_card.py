@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -61,9 +62,20 @@ def _json(path: Path) -> Optional[dict]:
     try:
         raw = json.loads(read_text(path, what=path.name))
         return raw if isinstance(raw, dict) else None
-    except (OSError, ValueError) as e:
-        log.warning("%s: ignored (%s)", path, e)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        log.warning("%s: ignored (%s)", path, type(e).__name__ if isinstance(e, RecursionError) else e)
         return None
+
+
+def _number(v) -> Optional[float]:
+    """A finite float from a JSON number (None for anything else: text, NaN, infinities, an int too large for a float)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    try:
+        x = float(v)
+    except OverflowError:
+        return None
+    return x if math.isfinite(x) else None
 
 
 def count_parameters(model_dir: Path) -> Optional[int]:
@@ -109,13 +121,13 @@ def read_card(model_dir: Union[str, Path], cfg=None) -> ModelCard:
     for key in ("full", "quick"):
         entry = recorded.get(key)
         if isinstance(entry, dict) and isinstance(entry.get("scores"), dict) and entry["scores"]:
-            card.scores = {k: float(v) for k, v in entry["scores"].items() if isinstance(v, (int, float))}
+            card.scores = {k: x for k, x in ((k, _number(v)) for k, v in entry["scores"].items()) if x is not None}
             counts = [c for c in (entry.get("counts") or {}).values() if isinstance(c, int)]
             card.score_items = max(counts) if counts else None
             break
     build = _json(model_dir / "build.json") or {}
     seconds = build.get("seconds_total_train", build.get("seconds"))
-    card.train_seconds = float(seconds) if isinstance(seconds, (int, float)) else None
+    card.train_seconds = _number(seconds)
     return card
 
 

@@ -51,8 +51,8 @@ def demo_settings(pipe) -> dict:
         raw = json.loads(read_text(path, what=SETTINGS_FILE))
         if not isinstance(raw, dict):
             raise ValueError("expected a JSON object")
-    except (OSError, ValueError) as e:
-        log.warning("%s: ignored (%s)", path, e)
+    except (OSError, ValueError, RecursionError) as e:  # RecursionError: absurdly deep nesting
+        log.warning("%s: ignored (%s)", path, type(e).__name__ if isinstance(e, RecursionError) else e)
         return {}
     out = {}
     prompts = raw.get("generate_examples")
@@ -77,11 +77,14 @@ def _example_file(folder: Path, name) -> Optional[str]:
     """The absolute path of example `name` if it is a small image file inside `folder`, else None."""
     if not isinstance(name, str) or not name or Path(name).is_absolute():
         return None
-    target = (folder / name).resolve()
-    root = folder.resolve()
-    if root not in target.parents or target.suffix.lower() not in EXAMPLE_SUFFIXES or not target.is_file():
+    try:  # a NUL byte, a name too long for the file system, a symlink loop: not an example
+        target = (folder / name).resolve()
+        root = folder.resolve()
+        if root not in target.parents or target.suffix.lower() not in EXAMPLE_SUFFIXES or not target.is_file():
+            return None
+        return str(target) if target.stat().st_size <= MAX_EXAMPLE_BYTES else None
+    except (OSError, ValueError, RuntimeError):
         return None
-    return str(target) if target.stat().st_size <= MAX_EXAMPLE_BYTES else None
 
 
 def _examples(raw, folder: Path, where: Path) -> dict:
@@ -129,8 +132,8 @@ def task_defaults(model_dir: Optional[Union[str, Path]], name: str) -> dict:
 
     try:
         task = json.loads(read_text(Path(model_dir) / SETTINGS_FILE)).get("tasks", {}).get(name, {})
-    except (ValueError, OSError, AttributeError) as e:
-        log.warning("%s/demo.json: ignored (%s)", model_dir, e)
+    except (ValueError, OSError, AttributeError, RecursionError) as e:
+        log.warning("%s/demo.json: ignored (%s)", model_dir, type(e).__name__ if isinstance(e, RecursionError) else e)
         return {}
     out = {}
     if isinstance(task, dict) and isinstance(task.get("prompt"), str) and task["prompt"].strip():

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 from typing import Optional
 
+from .arg_types import at_least, port, positive_float
 from .model_args import add_model_arguments, load_kwargs
 
 log = logging.getLogger(__name__)
@@ -26,12 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_model_arguments(p)
     p.add_argument("--served-model-name", default=None, help="the model id clients see (default: --model, or 'mmstack-demo')")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port(), default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1/ routes")
     p.add_argument("--vae", default=None, help="JanusFlow's VAE folder or hub id, when not inside --model")
-    p.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (engine rows)")
-    p.add_argument("--max-waiting", type=int, default=64, help="requests queued beyond those running; then 429")
-    p.add_argument("--max-body-mb", type=float, default=16.0, help="largest request body accepted (413 above)")
+    p.add_argument("--max-batch", type=at_least(1), default=32, help="sequences decoded together (engine rows)")
+    p.add_argument("--max-waiting", type=at_least(0), default=64, help="requests queued beyond those running; then 429")
+    p.add_argument("--max-body-mb", type=positive_float, default=16.0, help="largest request body accepted (413 above)")
     p.add_argument("--allow-remote-media", action="store_true", help="fetch http(s) image URLs (off: data: URIs only)")
     p.add_argument("--allowed-local-media-path", default=None, metavar="DIR",
                    help="serve local image paths and file:// URLs inside DIR only (default: none)")

@@ -108,7 +108,9 @@ def _matches(name: str, targets: list[str]) -> bool:
 
 def _fits(param: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether A [E*r, in] and B [out, r*E] fit a parameter [out, in] or [E, out, in]."""
-    experts, out_f, in_f = (1, *param.shape) if param.dim() == 2 else tuple(param.shape[-3:])
+    if param.dim() not in (2, 3):  # a norm weight, a convolution: no LoRA matrix fits it
+        return False
+    experts, out_f, in_f = (1, *param.shape) if param.dim() == 2 else tuple(param.shape)
     return (a.dim() == b.dim() == 2 and a.shape[0] % experts == 0 and a.shape[0] > 0
             and tuple(a.shape) == (a.shape[0], in_f) and tuple(b.shape) == (out_f, a.shape[0]))
 
@@ -135,9 +137,13 @@ def read_adapter(folder, model: nn.Module) -> list[LoraUpdate]:
         hint = f" (found {others}: only safetensors adapters are read)" if others else ""
         raise AdapterError(f"{folder}: no {WEIGHTS_FILE}{hint}")
     check_safetensors(path)  # header validated against the file size before anything is read
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    tensors = load_file(str(path), device="cpu")
+    try:
+        tensors = load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, RuntimeError) as e:  # e.g. overlapping or unordered tensor offsets
+        raise AdapterError(f"{path}: cannot read the tensors ({type(e).__name__}: {str(e)[:200]})") from None
     pairs: dict[tuple[str, int], dict[str, tuple[str, torch.Tensor]]] = {}
     for key, t in tensors.items():
         module, depth, side = _split_key(key, path)
@@ -172,16 +178,17 @@ def read_adapter(folder, model: nn.Module) -> list[LoraUpdate]:
             raise AdapterError(f"{path}: key {first_key!r}: {module!r} is a {type(owner).__name__}, neither a Linear "
                                f"layer nor the owner of a parameter in 'target_parameters'")
         param = getattr(owner, pname)
-        experts, out_f, in_f = (1, *param.shape) if param.dim() == 2 else tuple(param.shape)
+        experts = 1 if param.dim() != 3 else param.shape[0]
         if param.dim() not in (2, 3) or a.dim() != 2 or b.dim() != 2 or a.shape[0] % experts or a.shape[0] == 0:
             raise AdapterError(f"{path}: {ka!r} {tuple(a.shape)} / {kb!r} {tuple(b.shape)} do not fit "
                                f"{module}.{pname} {tuple(param.shape)}")
+        out_f, in_f = param.shape[-2:]
         r = a.shape[0] // experts
         if tuple(a.shape) != (experts * r, in_f) or tuple(b.shape) != (out_f, experts * r):
             raise AdapterError(f"{path}: {ka!r} is {tuple(a.shape)} and {kb!r} is {tuple(b.shape)}, but "
                                f"{module}.{pname} {tuple(param.shape)} needs ({experts * r}, {in_f}) and "
                                f"({out_f}, {experts * r}): an adapter for another model?")
-        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+        if not (torch.isfinite(a.float()).all() and torch.isfinite(b.float()).all()):  # float8 has no isfinite
             raise AdapterError(f"{path}: {ka!r} or {kb!r} holds NaN or infinite values")
         scale = cfg["lora_alpha"] / (math.sqrt(r) if use_rslora else r)
         updates.append(LoraUpdate(f"{module}.{pname}", a, b, scale, experts if param.dim() == 3 else 1))
@@ -199,13 +206,24 @@ def merge_adapter(model: nn.Module, folder) -> int:
         AdapterError: see `read_adapter`; nothing is changed then.
     """
     updates = read_adapter(folder, model)
+
+    def merged(p: torch.Tensor, u: LoraUpdate, e: Optional[int]) -> torch.Tensor:
+        w = p if e is None else p[e]
+        return (w.float() + u.delta(e).to(p.device)).to(p.dtype)
+
+    def matrices(u: LoraUpdate, p: torch.Tensor) -> list:
+        return [None] if u.experts == 1 and p.dim() == 2 else list(range(u.experts))  # experts one at a time
+
+    for u in updates:  # every merged matrix checked before any is written: a huge lora_alpha or huge values
+        p = model.get_parameter(u.param)  # would overflow the weights (to inf in fp32, sooner in fp16)
+        for e in matrices(u, p):
+            if not torch.isfinite(merged(p, u, e)).all():
+                raise AdapterError(f"{Path(folder) / WEIGHTS_FILE}: merging it overflows {u.param} in {p.dtype} "
+                                   f"(scale {u.scale:.3g} = lora_alpha / r): the merged weights would not be finite")
     for u in updates:
         p = model.get_parameter(u.param)
-        if u.experts == 1 and p.dim() == 2:
-            p.copy_((p.float() + u.delta().to(p.device)).to(p.dtype))
-        else:
-            for e in range(u.experts):  # one expert at a time: no fp32 copy of the whole stack
-                p[e].copy_((p[e].float() + u.delta(e).to(p.device)).to(p.dtype))
+        for e in matrices(u, p):
+            (p if e is None else p[e]).copy_(merged(p, u, e))
     return len(updates)
 
 

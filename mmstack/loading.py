@@ -28,6 +28,14 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def check_device(device: torch.device) -> torch.device:
+    """`device`, if this machine has it; else a `ValueError` naming it, before anything is built or moved there."""
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"device '{device}': torch sees {torch.cuda.device_count() if torch.cuda.is_available() else 'no'} "
+                         f"CUDA device(s) on this machine (use device='cpu')")
+    return device
+
+
 def default_dtype(device: torch.device) -> torch.dtype:
     """bf16 on GPUs (the released checkpoints' dtype), fp32 on CPU (exact, and fast enough for tiny models)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
@@ -74,7 +82,7 @@ def load_model(model_dir: Union[str, Path], device=None, dtype=None, cfg: Option
         if unknown:
             raise ValueError(f"{model_dir}: the model has no parts {sorted(unknown)} (it has {sorted(cfg.parts)})")
         cfg = cfg.only(parts)
-    device = torch.device(device) if device is not None else default_device()
+    device = check_device(torch.device(device)) if device is not None else default_device()
     dtype = resolve_dtype(dtype) or default_dtype(device)
     files = find_weight_files(model_dir)
     check_against_checkpoint(cfg, files, model_dir)  # before any module is built

@@ -15,6 +15,8 @@ from typing import Optional, Tuple
 
 from .errors import ConfigError
 
+MAX_FIT_PIXELS = 4096 * 4096  # image_processing.fit_size: the canvas every image is padded to (48 MiB of RGB)
+
 log = logging.getLogger(__name__)
 
 
@@ -164,6 +166,10 @@ class ImageProcessingConfig:
                 raise ConfigError(f"image_processing.fit_size must be [width, height], got {self.fit_size!r}")
             for v in self.fit_size:
                 check_int(v, "image_processing.fit_size", 1, 16384)
+            w, h = self.fit_size
+            if w * h > MAX_FIT_PIXELS:  # every image, even 1x1, is padded to this canvas before tiling
+                raise ConfigError(f"image_processing.fit_size {w}x{h} is {w * h} pixels; the limit is {MAX_FIT_PIXELS} "
+                                  f"(every image is padded to it before it is tiled)")
 
     def _check_resolutions(self) -> None:
         cands = self.candidate_resolutions

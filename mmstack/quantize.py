@@ -264,6 +264,9 @@ def quantize_model(model: nn.Module, scheme: str, device=None) -> dict:
     layer on `device` (default: where the weights are), so a model held in CPU memory can be quantized onto a
     GPU too small for its full-precision weights. Returns counts: {"linear": n, "experts": n}."""
     check_scheme(scheme)
+    if is_quantized(model):  # its linear layers are QuantLinear now: a second pass would only relabel them
+        raise ValueError(f"this model is already quantized ({model.quantization!r}): load it again to quantize it "
+                         f"as {scheme!r}")
     lm = getattr(model, "language", model)
     counts = {"linear": 0, "experts": 0}
     for layer in lm.layers:

@@ -62,6 +62,8 @@ def test_official_config_fields_out_of_range_are_refused_by_name(path, value, me
     ("image_processing.patch_size", 0, r"image_processing.patch_size must be an integer 1.."),
     ("language.rope.theta", 0, r"rope.theta must be a finite number"),
     ("vision.layers", -3, r"vision.layers must be an integer 1..1024"),
+    ("image_processing.fit_size", [16384, 16384], r"fit_size 16384x16384 is 268435456 pixels; the limit is 16777216"),
+    ("image_processing.fit_size", [0, 64], r"image_processing.fit_size must be an integer 1..16384"),
 ])
 def test_native_config_fields_out_of_range_are_refused_by_name(path, value, message):
     with pytest.raises(ConfigError, match=message):
