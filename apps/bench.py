@@ -138,9 +138,12 @@ def _read_config(path: str, size: str = "cpu") -> dict:
     # (types, ranges, sizes: a zero head count or 10^5 layers is refused here, naming the file and field)
     arch = mla_config(size, cfg)
     try:
-        read_config({**arch, "model_type": "deepseek_v2"}, where=path)
+        model = read_config({**arch, "model_type": "deepseek_v2"}, where=path)
     except ConfigError as e:
         raise ConfigError(f"{e} (in the architecture --config gives the mla-moe-decode suite)") from None
+    if model.language.moe is None or model.language.attention != "mla":  # what transformers' side then builds
+        raise ConfigError(f"{path}: the mla-moe-decode suite runs an MLA + MoE model: n_routed_experts must be at least 1 "
+                          f"and kv_lora_rank set (got {arch.get('n_routed_experts')!r}, {arch.get('kv_lora_rank')!r})")
     return cfg
 
 

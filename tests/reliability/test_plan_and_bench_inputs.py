@@ -75,7 +75,8 @@ def test_bench_config_files_and_architectures_are_refused_naming_the_file(tmp_pa
     for name, fields, field in [("heads", {"num_attention_heads": 0}, "num_(attention_)?heads"),
                                 ("layers", {"num_hidden_layers": 100_000}, "num_(hidden_)?layers"),
                                 ("hidden", {"hidden_size": True}, "hidden_size"),
-                                ("context", {"max_position_embeddings": "x"}, "max_position_embeddings")]:
+                                ("context", {"max_position_embeddings": "x"}, "max_position_embeddings"),
+                                ("dense", {"n_routed_experts": 0}, "n_routed_experts")]:
         path = tmp_path / f"arch_{name}.json"
         path.write_text(json.dumps(fields))
         e = bench(path)
