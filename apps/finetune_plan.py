@@ -45,7 +45,8 @@ class PlanArgs:
     plan_json: bool = field(default=False, metadata={"help": "with --plan: JSON instead of a table", "flag": "--json"})
     gpus: int = field(default=1, metadata={"help": "with --plan: GPUs (--parallel fsdp shards weights, gradients "
                                                    "and optimizer state over them)"})
-    seq_len: int = field(default=2048, metadata={"help": "with --plan: tokens per example, image tokens included"})
+    seq_len: Optional[int] = field(default=None, metadata={"help": (
+        "with --plan: tokens per example, image tokens included (default: 2048, or the model context if shorter)")})
     images: int = field(default=1, metadata={"help": "with --plan: images per example"})
     tiles: str = field(default="2x2", metadata={"help": "with --plan: local tiles per image, WxH (DeepSeek-VL2)"})
 
@@ -163,14 +164,15 @@ def _matmul_weights(module, used: set, wrapped: set, prefix: str = "") -> tuple[
 
 
 def memory_plan(model, lora_r: int = 0, qlora: bool = False, lora_targets: Optional[str] = None, train: str = "all",
-                checkpointing: bool = False, gpus: int = 1, parallel: str = "fsdp", seq_len: int = 2048,
+                checkpointing: bool = False, gpus: int = 1, parallel: str = "fsdp", seq_len: Optional[int] = None,
                 batch: int = 1, images: int = 1, tiles: tuple[int, int] = (2, 2), device: str = "cuda",
                 autocast: Optional[bool] = None) -> Plan:
     """The per-GPU memory of fine-tuning `model` (a variant name, folder, config file or `ModelConfig`).
 
     Args:
         lora_r / qlora / lora_targets / train / checkpointing / parallel: as `TrainArgs`.
-        batch: the global batch; each GPU runs ceil(batch / gpus) examples of `seq_len` tokens.
+        batch: the global batch; each GPU runs ceil(batch / gpus) examples of `seq_len` tokens (default: 2048, or
+            the model context if shorter).
         images / tiles: images per example and their VL2 local tile grid (tw, th).
         device: "cuda" (fused attention) or "cpu" (attention without the fused kernel when q/k and v widths
             differ); autocast: bf16 autocast (default: on CUDA, as the trainer).
@@ -188,6 +190,7 @@ def memory_plan(model, lora_r: int = 0, qlora: bool = False, lora_targets: Optio
     from .train_args import TrainArgs
 
     cfg = model if isinstance(model, ModelConfig) else model_config(model)
+    seq_len = min(2048, cfg.language.max_position_embeddings) if seq_len is None else seq_len
     _check_setup(cfg, lora_r=lora_r, gpus=gpus, seq_len=seq_len, batch=batch, images=images, tiles=tiles)
     net = build_model(cfg, "meta")
     lm = cfg.language

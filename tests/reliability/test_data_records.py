@@ -73,7 +73,7 @@ def test_invalid_utf8_in_one_array_item_loses_that_item_only(tmp_path):
 
 
 def test_a_json_file_of_one_object_is_held_to_the_record_limit(tmp_path, monkeypatch):
-    assert data_stream.JSON_MAX_BYTES == data_stream.RECORD_MAX_CHARS  # 64 MiB, not 1 GiB (300 MB took +900 MB)
+    assert data_stream.JSON_MAX_BYTES == data_stream.RECORD_MAX_CHARS  # 64 MiB, not 1 GiB (a 300 MB object took +600 MB)
     monkeypatch.setattr(data_stream, "JSON_MAX_BYTES", 1000)
     path = tmp_path / "one.json"
     path.write_text(json.dumps({**GOOD, "pad": "x" * 5000}))

@@ -94,3 +94,10 @@ def _raised(fn):
 def test_a_plan_allocates_nothing_whatever_the_lora_rank():
     plan = memory_plan("deepseek-vl2-tiny", lora_r=1_000_000)  # peft's adapters used to be built in CPU memory:
     assert plan.trainable > 1e12 and plan.mode == "LoRA r=1000000"  # 327 GB asked for here
+
+
+def test_the_default_sequence_fits_the_model_context():
+    from mmstack.api import default_model_dir
+
+    assert memory_plan(default_model_dir()).setup["seq_len"] == 1024  # its context; 2048 would be refused
+    assert memory_plan("deepseek-vl2-tiny").setup["seq_len"] == 2048
