@@ -206,3 +206,18 @@ def test_router_runs_in_fp32_in_a_bf16_model():
     g = Gate(16, cfg, dtype=torch.bfloat16)
     idx, w = g(torch.randn(5, 16, dtype=torch.bfloat16))
     assert w.dtype == torch.float32 and idx.shape == (5, 2)
+
+
+def test_router_stays_fp32_under_bf16_autocast():
+    """Training under bf16 autocast: the router's logits are the fp32 ones (autocast would otherwise run the
+    matmul in bf16 and flip near-tied expert choices)."""
+    torch.manual_seed(0)
+    cfg = MoEConfig(64, 6, 8, 0, 0, 1)
+    g = Gate(256, cfg)
+    x = torch.randn(512, 256)
+    want_idx, want_w = g(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        idx, w = g(x)
+        plain = torch.nn.functional.linear(x.float(), g.weight.float())
+    assert plain.dtype == torch.bfloat16  # what autocast does to an unguarded fp32 matmul
+    assert torch.equal(idx, want_idx) and torch.equal(w, want_w)

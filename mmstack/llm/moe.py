@@ -31,7 +31,11 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         c = self.cfg
-        logits = F.linear(x.float(), self.weight.float())  # [N,E]
+        if torch.is_autocast_enabled(x.device.type):  # autocast would cast this matmul back to bf16
+            with torch.autocast(x.device.type, enabled=False):
+                logits = F.linear(x.float(), self.weight.float())  # [N,E]
+        else:
+            logits = F.linear(x.float(), self.weight.float())
         scores = logits.softmax(-1) if c.scoring_func == "softmax" else logits.sigmoid()
         k = c.num_experts_per_tok
         if c.topk_method == "greedy":
