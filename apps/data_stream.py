@@ -61,7 +61,7 @@ def _jsonl(f: BinaryIO) -> Iterator[tuple[int, object]]:
         if not raw.strip():
             continue
         try:
-            yield n, json.loads(raw.decode("utf-8"))
+            yield n, json.loads(raw.decode("utf-8-sig" if n == 1 else "utf-8"))  # a BOM may open the file
         except (UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: absurd nesting
             yield n, DataError(f"not valid UTF-8 JSON ({type(e).__name__})")
 
@@ -103,6 +103,9 @@ def _json(f: BinaryIO) -> Iterator[tuple[int, object]]:
     text = _Text(f)
     n = 0  # the item being read
     try:
+        text.more()
+        if text.buf.startswith("\ufeff"):  # a byte-order mark (editors on Windows write one)
+            text.drop(1)
         i = text.skip_ws(0)
         if i >= len(text.buf):
             raise ValueError("an empty file")
@@ -112,7 +115,7 @@ def _json(f: BinaryIO) -> Iterator[tuple[int, object]]:
             if len(whole) > JSON_MAX_BYTES:
                 yield 1, DataError(f"a JSON object over {JSON_MAX_BYTES} bytes (write one record per line: .jsonl)")
                 return
-            yield 1, json.loads(whole.decode("utf-8"))
+            yield 1, json.loads(whole.decode("utf-8-sig"))
             return
         i = text.skip_ws(i + 1)
         while i < len(text.buf) and text.buf[i] != "]":

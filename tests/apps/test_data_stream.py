@@ -123,3 +123,19 @@ def test_a_broken_item_in_a_huge_array_is_not_read_to_the_end_of_the_file(tmp_pa
         tracemalloc.stop()
     assert bad[0].startswith(f"{path}:1: not valid UTF-8 JSON")
     assert peak < path.stat().st_size / 4
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".json"])
+@pytest.mark.parametrize("shape", ["array", "object"])
+def test_a_byte_order_mark_opening_the_file_is_not_an_error(tmp_path, suffix, shape):
+    """Editors on Windows open UTF-8 files with a BOM; the records read as without it."""
+    recs = [{"id": str(i), "text": f"r{i}"} for i in range(3)]
+    if suffix == ".jsonl":
+        body = "".join(json.dumps(r) + "\n" for r in recs) if shape == "array" else json.dumps(recs[0]) + "\n"
+    else:
+        body = json.dumps(recs if shape == "array" else recs[0])
+    plain, bom = tmp_path / f"plain{suffix}", tmp_path / f"bom{suffix}"
+    plain.write_bytes(body.encode())
+    bom.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    want = list(data_stream.records(plain))
+    assert list(data_stream.records(bom)) == want and all(not isinstance(r, Exception) for _, r in want)
