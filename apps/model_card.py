@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
@@ -135,6 +136,17 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.1f} M" if n >= 1e5 else f"{n:,}"
 
 
+_MARKUP = re.compile(r"([\\`*_{}\[\]()#+!<>|~])")
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]{0,95}/[\w.-]{1,96}(@[\w.-]{1,64})?")
+TEXT_MAX = 300  # characters of a model folder's own text shown in the banner
+
+
+def _plain(text: str) -> str:
+    """A model folder's text as literal markdown: markup escaped (no links, images or HTML), one line, capped."""
+    text = " ".join(str(text).split())[:TEXT_MAX]
+    return _MARKUP.sub(r"\\\1", text)
+
+
 def banner(card: ModelCard) -> Optional[str]:
     """Markdown saying what a narrow-domain model is (None for a model whose folder does not say what it was
     trained on): size, domain, input size, held-out scores and a real model to load instead."""
@@ -144,12 +156,12 @@ def banner(card: ModelCard) -> Optional[str]:
 
     size = f"{_millions(card.parameters)} parameters" if card.parameters else "a small model"
     px = f"{card.input_size[0]}-px " if card.input_size and card.input_size[0] == card.input_size[1] else ""
-    lines = [f"**This demo model ({size}) was trained on {px}{card.trained_on} only.** "
+    lines = [f"**This demo model ({size}) was trained on {px}{_plain(card.trained_on)} only.** "
              "Outside that domain its answers are noise: try the examples."]
     if card.scores:
         items = f" ({card.score_items} per task)" if card.score_items else ""
-        scores = " · ".join(f"{TASK_NAMES.get(k, k)} {v:.2f}" for k, v in card.scores.items())
+        scores = " · ".join(f"{_plain(TASK_NAMES.get(k, k))} {v:.2f}" for k, v in card.scores.items())
         lines.append(f"Held-out scores{items}: {scores}.")
-    if card.real_model:
+    if card.real_model and _HUB_ID.fullmatch(card.real_model):  # a hub id inside backticks, nothing else
         lines.append(f"For a real model: `mmstack demo --model {card.real_model}`.")
     return "\n".join(lines)

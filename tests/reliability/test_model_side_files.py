@@ -66,3 +66,17 @@ def test_example_names_the_file_system_cannot_hold_are_ignored(tmp_path):
     settings, _, _, _ = _read_everything(d)
     chart = str((d / "examples" / "chart.png").resolve())
     assert settings["document_examples"] == [chart] and settings["chat_examples"] == [("hi", chart)]
+
+
+def test_a_model_folders_own_text_cannot_put_links_images_or_html_in_the_banner():
+    """The banner is markdown: text from demo.json is escaped, and only a hub id is shown as the real model."""
+    import re
+
+    from mmstack.apps.model_card import ModelCard, banner
+
+    hostile = "shapes ![t](http://tracker.example/p.png) <img src=x onerror=alert(1)> [click](http://x.example)"
+    text = banner(ModelCard(parameters=9_000_000, input_size=(64, 64), trained_on=hostile,
+                            real_model="x` ![t](http://tracker.example/q.png)", scores={"<b>ocr</b>": 0.5}))
+    assert not re.search(r"(?<!\\)!\[|(?<!\\)<img|(?<!\\)\[click|(?<!\\)<b>", text)
+    assert "mmstack demo --model" not in text  # not a hub id: left out
+    assert "deepseek-ai/Janus-Pro-1B" in banner(ModelCard(trained_on="x", real_model="deepseek-ai/Janus-Pro-1B"))
