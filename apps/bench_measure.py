@@ -223,3 +223,29 @@ def format_table(result: dict) -> str:
         for note in case["notes"]:
             out.append(f"  note: {note}")
     return "\n".join(out)
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Memory free for new tensors: the GPU's free memory, or the host's MemAvailable (None when unknown)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits(what: str, host_bytes: int, device_bytes: int, device: torch.device) -> None:
+    """Refuse, before anything is built, a benchmark whose models would not fit (ValueError with the sizes)."""
+    checks = [("host memory", host_bytes + (device_bytes if device.type == "cpu" else 0), torch.device("cpu"))]
+    if device.type != "cpu":
+        checks.append((f"{device} memory", device_bytes, device))
+    for name, need, dev in checks:
+        free = available_bytes(dev)
+        if free is not None and need > 0.9 * free:
+            raise ValueError(f"{what} needs about {need / 2**30:.1f} GiB of {name}, {free / 2**30:.1f} GiB is "
+                             "available: choose a smaller config")

@@ -24,7 +24,7 @@ import torch
 
 from mmstack.testing import randomise_weights
 
-from .bench_measure import Case, Contender, sync
+from .bench_measure import Case, Contender, check_fits, sync
 
 PAD, BOS, EOS, IMG, BOI = 0, 1, 2, 3, 4
 
@@ -226,6 +226,15 @@ def mla_config(size: str, config: Optional[dict] = None) -> dict:
             "topk_method": "greedy", "max_position_embeddings": 8192, **c}
 
 
+def _parameters(c: dict) -> int:
+    """Parameters of a DeepSeek-V2 config, counted on the meta device (nothing allocated)."""
+    from mmstack.formats import read_config
+    from mmstack.model import build_model
+
+    model = build_model(read_config({"model_type": "deepseek_v2", **c}), "meta")
+    return sum(p.numel() for p in model.parameters())
+
+
 def mla_moe_decode(size: str, device, dtype, against: str = "transformers", config: Optional[dict] = None,
                    prompts: Optional[list] = None, new_tokens: Optional[int] = None) -> list[Case]:
     """Args beyond the common ones: `config` (architecture fields, see `mla_config`), `prompts` (prompt
@@ -245,6 +254,9 @@ def mla_moe_decode(size: str, device, dtype, against: str = "transformers", conf
     if too_long:
         raise ValueError(f"prompt + new tokens ({max(too_long)}) exceed the config's max_position_embeddings "
                          f"({c['max_position_embeddings']})")
+    n = _parameters(c)  # both models are built: transformers' in fp32 on the host, ours in `dtype` on `device`
+    check_fits(f"the two models of this config ({n / 1e9:.2f} B parameters each)", 4 * n,
+               2 * n * torch.finfo(dtype).bits // 8, device)
     cfg = transformers.DeepseekV2Config(**c)
     torch.manual_seed(0)
     hf = transformers.DeepseekV2ForCausalLM._from_config(cfg, attn_implementation="sdpa")

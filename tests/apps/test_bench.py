@@ -125,3 +125,12 @@ def test_bench_serve_drives_the_real_server_over_http(tmp_path, capsys):
     for r in result["rows"]:
         assert r["req_s"] > 0 and r["tok_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p95_s"]
         assert r["req_s_spread"][0] <= r["req_s"] <= r["req_s_spread"][1]
+
+
+def test_a_config_too_large_for_memory_is_refused_before_anything_is_built(monkeypatch):
+    built = []
+    monkeypatch.setattr(bench_measure, "available_bytes", lambda device: 10 * 2**20)  # 10 MiB free
+    monkeypatch.setattr("transformers.DeepseekV2ForCausalLM._from_config", lambda *a, **k: built.append(1))
+    with pytest.raises(ValueError, match=r"needs about .* GiB of host memory, 0.0 GiB is available"):
+        bench.run_suites(["mla-moe-decode"], size="cpu", device="cpu", repeat=5)
+    assert not built
