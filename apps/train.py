@@ -90,16 +90,17 @@ class LossModule(torch.nn.Module):
     """Wraps the model so that DDP / FSDP see every loss computation as its forward: every use of a weight
     happens inside `forward` (FSDP gathers the root group's weights only there)."""
 
-    def __init__(self, model):
+    def __init__(self, model, loss_average: str = "token"):
         super().__init__()
         self.model = model
+        self.loss_average = loss_average
 
     def forward(self, task: str, batch):
         from mmstack import training
 
         m = self.model
         if task == "understanding":
-            return training.understanding_loss(m, batch)
+            return training.understanding_loss(m, batch, self.loss_average)
         if task == "vq":
             ids, mask, codes = batch
             codes = codes.resolve(m)
@@ -222,7 +223,7 @@ def _run(args: TrainArgs) -> Path:
     else:
         select_trainable(model, args.train)
     ties = parallel.tied_names(model)
-    loss_mod = LossModule(model)
+    loss_mod = LossModule(model, args.loss_average)
     if mode is not None:
         # FSDP: a vision block is its own group only if no rank can get a share of a batch without images
         shard_vision = all(ex.images for ex in und)

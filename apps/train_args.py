@@ -58,6 +58,9 @@ class TrainArgs:
         choices=SAVE))
     qlora: bool = field(default=False, metadata=_cli(
         "LoRA on a 4-bit base (CUDA and bitsandbytes; refused elsewhere, and not implemented yet)"))
+    loss_average: str = field(default="token", metadata=_cli(
+        "understanding loss: mean over all answer tokens (token), or each example's mean, then over examples "
+        "(sample: short answers weigh as much as long ones)", choices=["token", "sample"]))
     gradient_checkpointing: bool = False
     # autocast: default bf16 on CUDA, fp32 on CPU; "bf16" also on CPU, "fp32" off
     dtype: Optional[str] = field(default=None, metadata=_cli(

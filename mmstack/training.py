@@ -17,11 +17,20 @@ from .batch import MultimodalBatch
 from .quantize import refuse_quantized
 
 
-def understanding_loss(model, batch: MultimodalBatch) -> tuple[torch.Tensor, int]:
-    """Mean cross-entropy over assistant tokens of a training `MultimodalBatch` (with `assistant_mask`).
+LOSS_AVERAGES = ("token", "sample")
 
-    Returns (loss, number of target tokens).
+
+def understanding_loss(model, batch: MultimodalBatch, average: str = "token") -> tuple[torch.Tensor, int]:
+    """Cross-entropy over assistant tokens of a training `MultimodalBatch` (with `assistant_mask`).
+
+    average: "token" (the mean over every target token of the batch: long answers weigh more) or "sample"
+        (each example's mean over its own tokens, then the mean over examples: every example weighs the same,
+        so a batch mixing one-line OCR answers with long chart tables does not learn mostly the tables).
+    Returns (loss, number of target tokens, or of examples with targets for "sample"); callers that combine
+    batches weight each loss by that number.
     """
+    if average not in LOSS_AVERAGES:
+        raise ValueError(f"loss average must be one of {LOSS_AVERAGES}, got {average!r}")
     refuse_quantized(model, "training")
     emb = model.embed(batch)
     lm = model.language
@@ -31,7 +40,15 @@ def understanding_loss(model, batch: MultimodalBatch) -> tuple[torch.Tensor, int
     if n == 0:
         return h.sum() * 0.0, 0
     logits = lm.logits(h[:, :-1][target])  # [n, V] only where a target exists
-    return F.cross_entropy(logits, batch.input_ids[:, 1:][target]), n
+    labels = batch.input_ids[:, 1:][target]
+    if average == "token":
+        return F.cross_entropy(logits, labels), n
+    per_token = F.cross_entropy(logits, labels, reduction="none")  # [n], in row-major order of `target`
+    counts = target.sum(1)  # [B]
+    rows = torch.repeat_interleave(torch.arange(target.shape[0], device=counts.device), counts)
+    per_row = torch.zeros(target.shape[0], dtype=per_token.dtype, device=per_token.device).index_add(0, rows, per_token)
+    has = counts > 0
+    return (per_row[has] / counts[has]).mean(), int(has.sum())
 
 
 def vq_generation_loss(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
