@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import csv
 import os
-import socket
 from pathlib import Path
 
 import pytest
+from net import free_port
 from golden import REPO, golden_dir, tokenizer_for
 from PIL import Image
 
@@ -25,17 +25,11 @@ ENDPOINTS = {"/chat", "/regenerate", "/clear", "/generate", "/ocr", "/chart"}
 UPLOAD_MB = 2
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def url():
     pipe = mmstack.load(JANUS, device="cpu", tokenizer=tokenizer_for(JANUS))
     demo = build_app(pipe, max_queue=8)
-    _, local_url, _ = launch(demo, port=_free_port(), max_upload_mb=UPLOAD_MB, prevent_thread_lock=True)
+    _, local_url, _ = launch(demo, port=free_port(), max_upload_mb=UPLOAD_MB, prevent_thread_lock=True)
     yield local_url
     demo.close()
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
-import socket
 import subprocess
 import sys
 
 import pytest
+from net import free_port
 from golden import REPO, golden_dir, tokenizer_for
 from PIL import Image
 
@@ -33,12 +33,6 @@ examples = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(examples)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pipe():
     return mmstack.api.default_pipeline()
@@ -47,7 +41,7 @@ def pipe():
 @pytest.fixture(scope="module")
 def url(pipe):
     demo = build_app(pipe, max_queue=8)
-    _, local_url, _ = launch(demo, port=_free_port(), prevent_thread_lock=True)
+    _, local_url, _ = launch(demo, port=free_port(), prevent_thread_lock=True)
     yield local_url
     demo.close()
 

@@ -7,7 +7,6 @@ import concurrent.futures as cf
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -18,17 +17,13 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from net import free_port
+
 openai = pytest.importorskip("openai")
 
 REPO = Path(__file__).resolve().parents[2]
 DEMO = REPO / "assets" / "demo-model"
 HUB_ID = "mmstack/demo-tiny"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def hub_cache(root: Path) -> Path:

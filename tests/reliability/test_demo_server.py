@@ -9,7 +9,6 @@ import concurrent.futures
 import inspect
 import json
 import os
-import socket
 import statistics
 import threading
 import time
@@ -20,6 +19,7 @@ import pytest
 import torch
 from PIL import Image
 
+from net import free_port
 import mmstack
 from golden import golden_dir, tokenizer_for
 from mmstack.apps.demo import build_app, launch
@@ -33,12 +33,6 @@ CLIENTS, REQUESTS = 16, 10
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.*")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def pipe():
     threads = torch.get_num_threads()
@@ -49,7 +43,7 @@ def pipe():
 
 def _serve(pipe, max_queue: int):
     demo = build_app(pipe, max_queue=max_queue)
-    _, url, _ = launch(demo, port=_free_port(), max_upload_mb=UPLOAD_MB, prevent_thread_lock=True)
+    _, url, _ = launch(demo, port=free_port(), max_upload_mb=UPLOAD_MB, prevent_thread_lock=True)
     return demo, url
 
 
