@@ -81,7 +81,8 @@ def demo_config(recipe: dict, vocab_size: int):
         "layout": LayoutConfig("vl2_tiles", d),
         "image_processing": ImageProcessingConfig("vl2_tiling", v["tile"], candidate_resolutions=v["candidate_resolutions"],
                                                   patch_size=v["tower"]["patch_size"], downsample_ratio=2, policy="native",
-                                                  fit_size=[recipe["synth"]["train"]["image_size"]] * 2),
+                                                  fit_size=[recipe["synth"]["train"]["image_size"]] * 2,
+                                                  single_tile_global_only=v.get("single_tile_global_only", False)),
         "chat": ChatConfig(image_start_tag="<begin_of_image>", image_end_tag="<end_of_image>", gen_tag="<begin_of_image>",
                            **CHAT_FORMATS["deepseek-vl2"]),
         "vq": VQConfig(**{k: tuple(x) if isinstance(x, list) else x for k, x in vq["tokenizer"].items()}),
@@ -89,7 +90,7 @@ def demo_config(recipe: dict, vocab_size: int):
                                       embed_dim=vq["tokenizer"]["codebook_embed_dim"], n_embed=d, head_embed=d,
                                       image_size=vq["image_size"], cfg_weight=vq["cfg_weight"], temperature=vq["temperature"]),
     }
-    return ModelConfig(language=language, parts=parts, name=recipe.get("name", "mmstack-demo"))
+    return ModelConfig(language=language, name=recipe.get("name", "mmstack-demo"), **parts)
 
 
 def _train_seconds(stage_dir: Path) -> float:

@@ -25,7 +25,8 @@ class MultimodalBatch:
         pixel_values: [V, 3, S, S] float32 views of all images, sample by sample, image by image; None
             when the batch has no image.
         image_tiles: per image (in the same order), its local tile grid (tw, th): the image has
-            1 + tw * th views (a global view, then tw * th local tiles, row-major); (0, 0) is a single view.
+            1 + tw * th views (a global view, then tw * th local tiles, row-major); (0, 0) is a single view
+            (every Janus image; a one-tile VL2 image of a native model with `single_tile_global_only`).
         images_per_sample: number of images of each sample, [B].
         assistant_mask: [B, T] bool, True on the tokens a training loss targets (assistant answers and
             their end token); None at inference.
@@ -100,7 +101,7 @@ class MultimodalBatch:
                  ) -> "MultimodalBatch":
         """From the official DeepSeek-VL2 processor tensors: images [B, N_max, 3, S, S] (per sample, per image
         a global tile then its locals; zero tiles pad) and images_spatial_crop [B, I_max, 2] of (tw, th)
-        with (0, 0) rows padding."""
+        with (0, 0) rows padding (so these tensors cannot carry a single-view image: the processor's `batch` does)."""
         views, tiles, counts = [], [], []
         for b, rows in enumerate(images_spatial_crop.tolist()):
             n = k = 0

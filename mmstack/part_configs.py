@@ -141,6 +141,12 @@ class ImageProcessingConfig:
     # centred on the background colour, as `ImageOps.pad`), so a photo or a larger scan reaches the model in the
     # tiling its training used. None (every official format): images are tiled at their own size.
     fit_size: Optional[list] = None
+    # A native model's choice: an image whose local grid is 1x1 (its best resolution is one tile, or it is one of
+    # more than 2 images, which are never cropped) is encoded as its global view alone, grid (0, 0), since the
+    # official local tile is then the same S x S picture a second time (41 image slots at 64 px / 8 px patches
+    # become 21: the global rows and the view separator). False (every official format): the official global +
+    # local layout; exporting a model with it on to the official format is refused (a stored field that differs).
+    single_tile_global_only: bool = False
 
     def validate(self) -> None:
         if self.kind not in ("vl2_tiling", "square_pad"):
@@ -170,6 +176,11 @@ class ImageProcessingConfig:
             if w * h > MAX_FIT_PIXELS:  # every image, even 1x1, is padded to this canvas before tiling
                 raise ConfigError(f"image_processing.fit_size {w}x{h} is {w * h} pixels; the limit is {MAX_FIT_PIXELS} "
                                   f"(every image is padded to it before it is tiled)")
+        if not isinstance(self.single_tile_global_only, bool):
+            raise ConfigError(f"image_processing.single_tile_global_only must be true or false, "
+                              f"got {self.single_tile_global_only!r}")
+        if self.single_tile_global_only and self.kind != "vl2_tiling":
+            raise ConfigError("image_processing.single_tile_global_only applies to vl2_tiling (square_pad has one view)")
 
     def _check_resolutions(self) -> None:
         cands = self.candidate_resolutions

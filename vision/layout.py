@@ -5,6 +5,8 @@ embeddings per tile:
   global view: h rows of [w embeddings + image_newline]            -> h*(w+1)
   view separator                                                    -> 1
   local views stitched into a (th*h) x (tw*w) grid, each row + newline -> th*h*(tw*w+1)
+A native single-view image (grid (0, 0), `image_processing.single_tile_global_only`) is the global view and the
+separator alone: h*(w+1) + 1, the same formula with no local rows.
 Every slot (newline and separator included) holds the `<image>` id in input_ids and is filled by
 `masked_scatter` in order. JanusFlow replaces `<begin_of_image>`'s embedding with `beg_of_und_embed`.
 """
@@ -55,7 +57,8 @@ class Layout(nn.Module):
         return torch.cat(out) if out else feats.new_zeros(0, feats.shape[-1])
 
     def vl2_image(self, tiles: torch.Tensor, tw: int, th: int) -> torch.Tensor:
-        """tiles [1 + tw*th, h*w, D] (global first) -> the image's embedding sequence [n_tokens, D]."""
+        """tiles [1 + tw*th, h*w, D] (global first) -> the image's embedding sequence [n_tokens, D]; with
+        (tw, th) = (0, 0) the local part is empty and the image is its global rows and the separator."""
         n, p, d = tiles.shape
         h = w = int(round(p**0.5))
         nl = self.image_newline.to(tiles.dtype)

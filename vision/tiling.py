@@ -4,7 +4,8 @@ Reproduces `select_best_resolution` and the pixel part of `DeepseekVLV2Processor
 in https://github.com/deepseek-ai/DeepSeek-VL2/blob/ef9f91e2/deepseek_vl2/models/processing_deepseek_vl_v2.py
 
 # S tile side (image_size), tw x th local tiles (width x height), N = 1 + tw*th tiles per image,
-# h = w tokens per tile side after the projector's downsampling.
+# h = w tokens per tile side after the projector's downsampling. (0, 0) is the global view alone (native
+# `single_tile_global_only`), N = 1.
 """
 from __future__ import annotations
 
@@ -30,6 +31,9 @@ class TilingConfig:
     `fit_size` (W, H), set by native models only (`image_processing.fit_size`): every image is first fitted to
     it (`pad`: aspect-preserving, centred on `pad_color`), so any image gets the tiles of a W x H one; None, as
     in every official processor, tiles each image at its own size.
+    `single_tile_global_only`, set by native models only (`image_processing.single_tile_global_only`): an image
+    whose tile grid is 1x1 gets grid (0, 0), its global view alone, since its one local tile would be the
+    same `pad(img, (S, S))` picture again. False, as in every official processor: global + 1 local.
     """
 
     candidate_resolutions: tuple[tuple[int, int], ...]
@@ -41,6 +45,7 @@ class TilingConfig:
     image_size: Optional[int] = None
     pad_color: Optional[tuple[int, ...]] = field(default=None)
     fit_size: Optional[tuple[int, int]] = None
+    single_tile_global_only: bool = False
 
     def __post_init__(self):
         # frozen dataclass: derived defaults are filled in once, here
@@ -84,11 +89,16 @@ class TilingConfig:
         return math.ceil((self.image_size // self.patch_size) / self.downsample_ratio)
 
     def tiles_for(self, size_wh: tuple[int, int], cropping: bool = True) -> tuple[int, int]:
-        """Local tile grid (tw, th) for an image of `size_wh`; `cropping=False` forces 1x1."""
-        if not cropping:
-            return 1, 1
-        bw, bh = select_best_resolution(self.fit_size or size_wh, self.candidate_resolutions)
-        return bw // self.image_size, bh // self.image_size
+        """Local tile grid (tw, th) for an image of `size_wh`; `cropping=False` forces 1x1. A 1x1 grid is (0, 0)
+        (no local tile) with `single_tile_global_only`."""
+        if cropping:
+            bw, bh = select_best_resolution(self.fit_size or size_wh, self.candidate_resolutions)
+            tw, th = bw // self.image_size, bh // self.image_size
+        else:
+            tw, th = 1, 1
+        if self.single_tile_global_only and (tw, th) == (1, 1):
+            return 0, 0
+        return tw, th
 
 
 def select_best_resolution(size_wh: tuple[int, int], candidates: Sequence[tuple[int, int]]) -> tuple[int, int]:
@@ -113,7 +123,8 @@ def select_best_resolution(size_wh: tuple[int, int], candidates: Sequence[tuple[
 def num_image_tokens(tw: int, th: int, image_size: int, patch_size: int, downsample_ratio: int) -> int:
     """Image-token span length: global h*(w+1), 1 view separator, (th*h) rows of (tw*w + 1).
 
-    With the real settings (384, 14, 2) this is 211 + 14*th*(14*tw + 1): 421 for 1x1, 2101 for 1x9.
+    With the real settings (384, 14, 2) this is 211 + 14*th*(14*tw + 1): 421 for 1x1, 2101 for 1x9; a global
+    view alone (0, 0) is 211.
     """
     h = w = math.ceil((image_size // patch_size) / downsample_ratio)
     return h * (w + 1) + 1 + (th * h) * (tw * w + 1)
@@ -142,7 +153,7 @@ def tile_image(img: Image.Image, cfg: TilingConfig, tiles_wh: tuple[int, int]) -
 
     Args:
         img: PIL image in mode "RGB".
-        tiles_wh: (tw, th) from `TilingConfig.tiles_for`.
+        tiles_wh: (tw, th) from `TilingConfig.tiles_for`; (0, 0) gives the global view alone.
     Returns:
         [1 + tw*th, 3, S, S] float32.
     Raises:
@@ -154,6 +165,8 @@ def tile_image(img: Image.Image, cfg: TilingConfig, tiles_wh: tuple[int, int]) -
     if cfg.fit_size is not None and img.size != cfg.fit_size:
         img = pad(img, cfg.fit_size, cfg.pad_color)  # [fit H, fit W]: the size the model was trained at
     glob = to_tensor(pad(img, (S, S), cfg.pad_color), cfg)  # [3, S, S]
+    if (tw, th) == (0, 0):
+        return glob[None]  # [1, 3, S, S]
     local = to_tensor(pad(img, (tw * S, th * S), cfg.pad_color), cfg)  # [3, th*S, tw*S]
     # elementwise transforms commute with cropping, so crop the tensor: tile k is at row k // tw, col k % tw
     local = local.view(3, th, S, tw, S).permute(1, 3, 0, 2, 4).reshape(th * tw, 3, S, S)

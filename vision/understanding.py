@@ -57,6 +57,8 @@ class Understanding:
                 "image_std": self.ip.image_std})
             if self.ip.fit_size is not None:  # a native model trained at one size: every image fitted to it
                 tc = replace(tc, fit_size=tuple(self.ip.fit_size))
+            if self.ip.single_tile_global_only:  # a native model: a one-tile image is its global view alone
+                tc = replace(tc, single_tile_global_only=True)
             self.processor = VL2Processor(tokenizer, tc, self.chat_cfg.image_tag)
         else:
             from .janus_processor import JanusProcessor

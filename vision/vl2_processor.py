@@ -76,7 +76,8 @@ class VL2Processor:
 
     # ------------------------------------------------------------------------------ tokens (no pixels)
     def image_span_len(self, tw: int, th: int) -> int:
-        """Slots of one image: global h rows of (w + 1 newline), 1 view separator, th*h rows of (tw*w + 1)."""
+        """Slots of one image: global h rows of (w + 1 newline), 1 view separator, th*h rows of (tw*w + 1); a
+        global view alone (0, 0, `TilingConfig.single_tile_global_only`) has no local rows."""
         h = w = self.cfg.tokens_per_side
         return h * (w + 1) + 1 + (th * h) * (tw * w + 1)
 
@@ -167,8 +168,13 @@ class VL2Processor:
             images_spatial_crop [B,I_max,2] long of (tw, th) (zero rows pad),
             num_image_tokens: list (per sample) of lists (per image) of int.
         Raises:
-            ValueError: image count mismatch or an image that is not RGB; TypeError for a non-image.
+            ValueError: image count mismatch or an image that is not RGB; a processor with
+                `single_tile_global_only` (the official tensors read a (0, 0) crop row as padding: use `batch`);
+                TypeError for a non-image.
         """
+        if self.cfg.single_tile_global_only:
+            raise ValueError("VL2Processor: the official tensors cannot hold a single-view image (a (0, 0) crop row "
+                             "is padding there); use .batch() with single_tile_global_only")
         single = isinstance(conversations, str) or (len(conversations) > 0 and isinstance(conversations[0], dict))
         convs = [conversations] if single else list(conversations)
         imgs = [list(images or [])] if single else [list(x or []) for x in (images or [[]] * len(convs))]
