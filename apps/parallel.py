@@ -41,6 +41,19 @@ def init_distributed(device: torch.device) -> torch.device:
     return device
 
 
+def close_distributed(ok: bool) -> None:
+    """Leave the process group this process joined (`init_distributed`). After a good run every rank waits for the
+    others first (rank 0 may still be writing outputs); a process that exits with gloo's threads still alive is
+    killed by `terminate called without an active exception` (SIGABRT) and fails the whole torchrun job."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    try:
+        if ok:
+            torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
 def all_sum(x: float) -> float:
     """`x` summed over all processes (x itself without a process group)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

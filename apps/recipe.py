@@ -15,6 +15,7 @@ import logging
 import shutil
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
 
@@ -26,12 +27,22 @@ SPECIAL = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜
            "<|/det|>", "<|grounding|>", "<|User|>", "<|Assistant|>", "<begin_of_image>", "<end_of_image>"]
 
 
-def train_tokenizer(texts, vocab_size: int, out_dir: Path) -> Path:
-    """Byte-level BPE over `texts`; special tokens first (ids 0.. in SPECIAL order)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+def train_tokenizer(texts, vocab_size: int, out_dir: Path, single_characters: Optional[str] = None) -> Path:
+    """Byte-level BPE over `texts`; special tokens first (ids 0.. in SPECIAL order).
+
+    single_characters: a regex character class (e.g. "A-Z0-9") whose characters are always tokens of their own
+        (with the space before them, if any): BPE trained on random strings otherwise learns pairs ("ABCD1234" ->
+        AB/CD/12/34, "HELLO" -> HE/L/LO), so the same letter is a different token by neighbour and a small model
+        cannot learn to read it."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if single_characters:
+        isolate = pre_tokenizers.Split(Regex(f" ?[{single_characters}]"), behavior="isolated")
+        tk.pre_tokenizer = pre_tokenizers.Sequence([isolate, byte_level])
+    else:
+        tk.pre_tokenizer = byte_level
     tk.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -121,27 +132,40 @@ def write_demo_settings(model_dir: Path, t2i_prompts, n: int = 6) -> None:
     atomic_write_json(model_dir / "demo.json", settings)
 
 
-def build(recipe_path: Path, work: Path, out: Path) -> Path:
-    """Run every stage of the recipe (resuming finished ones) and write the half-precision model to `out`."""
+def build(recipe_path: Path, work: Path, out: Path, profile_name: str = "cpu", device: Optional[str] = None,
+          score: bool = True) -> Path:
+    """Run every stage of the recipe under a profile (`recipe_profiles`; resuming finished stages) and write the
+    half-precision model to `out`, with `build.json` (profile, device, seconds, scores) and `scores.json`."""
     from mmstack.loading import build_model, load_model, save_pretrained
 
     from . import synth
+    from .recipe_profiles import profile, stage_args, synth_args
     from .train import TrainArgs, run
 
     recipe = json.loads(Path(recipe_path).read_text())
-    if recipe.get("threads"):  # 1 thread is slower on an idle machine but never thrashes beside other work
-        torch.set_num_threads(int(recipe["threads"]))
+    prof = profile(recipe, profile_name)
+    if device:
+        prof["device"] = device
+    threads = prof.get("threads") or recipe.get("threads")
+    if threads:  # 1 thread is slower on an idle machine but never thrashes beside other work
+        torch.set_num_threads(int(threads))
     work.mkdir(parents=True, exist_ok=True)
+    marker = work / "profile.json"
+    if marker.exists() and json.loads(marker.read_text()).get("profile") != profile_name:
+        raise ValueError(f"{work} holds a build of profile {json.loads(marker.read_text()).get('profile')!r}; "
+                         f"use another --work folder for profile {profile_name!r}")
+    atomic_write_json(marker, {"profile": profile_name, **prof})
     t0 = time.time()
     data = work / "data"
     if not (data / "data.jsonl").exists():
-        synth.generate(data, **recipe["synth"]["train"], overwrite=True)
+        synth.generate(data, **synth_args(recipe["synth"]["train"], prof), overwrite=True)
     heldout = work / "heldout"
     if not (heldout / "data.jsonl").exists():
         synth.generate(heldout, **recipe["synth"]["heldout"], overwrite=True)
     init = work / "init"
     if not (init / "config.json").exists():
-        tok = train_tokenizer(_corpus(data), recipe["tokenizer"]["vocab_size"], work / "tokenizer")
+        tok = train_tokenizer(_corpus(data), recipe["tokenizer"]["vocab_size"], work / "tokenizer",
+                              recipe["tokenizer"].get("single_characters"))
         from mmstack.tokenizer import Tokenizer
 
         vocab = Tokenizer.from_dir(tok).vocab_size
@@ -153,7 +177,7 @@ def build(recipe_path: Path, work: Path, out: Path) -> Path:
         sdir = work / f"stage{i}-{stage['task']}"
         if not (sdir / "model" / "config.json").exists():
             files = [str(data / f) for f in stage.get("data", ["data.jsonl", "t2i.jsonl"])]
-            args = {k: v for k, v in stage.items() if k != "data"}
+            args = stage_args(stage, prof)
             log.info("stage %d: %s", i, args)
             run(TrainArgs(model=str(current), data=files, out=str(sdir), resume=True, **args))
         current = sdir / "model"
@@ -162,20 +186,46 @@ def build(recipe_path: Path, work: Path, out: Path) -> Path:
     if out.exists():
         shutil.rmtree(out)
     save_pretrained(model, out, tokenizer_dir=current)
-    meta = {"recipe": str(recipe_path), "seconds": round(time.time() - t0, 1), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "stage_train_seconds": stage_seconds,
-            "note": "seconds: this invocation's wall time (finished stages are skipped on a rerun); "
-                    "stage_train_seconds: the sum of each stage's logged step times, whichever run did them"}
-    (out / "build.json").write_text(json.dumps(meta, indent=2))
     prompts = [json.loads(x)["prompt"] for x in (heldout / "t2i.jsonl").read_text(encoding="utf-8").splitlines()]
     write_demo_settings(out, prompts)
+    meta = {"recipe": str(recipe_path), "profile": profile_name, "device": _device_name(prof["device"]),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "stage_train_seconds": stage_seconds,
+            "train_seconds": round(sum(stage_seconds.values()), 1), "seconds": round(time.time() - t0, 1),
+            "note": "seconds: this invocation's wall time (finished stages are skipped on a rerun); "
+                    "stage_train_seconds: the sum of each stage's logged step times, whichever run did them"}
+    if score:
+        meta["scores"] = _score(out, heldout, recipe.get("eval_per_task", 40))
+    atomic_write_json(out / "build.json", meta)
     return out
+
+
+def _device_name(device: str) -> str:
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return f"{device} ({torch.cuda.get_device_name(torch.device(device))})"
+    return device
+
+
+def _score(model_dir: Path, heldout: Path, per_task: int) -> dict:
+    """Held-out scores of the finished model (`mmstack eval-demo`), stored in its scores.json: the full set and
+    the quick slice its regression guard compares with."""
+    import mmstack
+
+    from .eval_demo import QUICK_PER_TASK, evaluate
+
+    pipe = mmstack.load(model_dir, device="cpu")
+    result = {"full": evaluate(pipe, heldout, per_task), "quick": evaluate(pipe, heldout, QUICK_PER_TASK)}
+    atomic_write_json(model_dir / "scores.json", result)
+    return result["full"]["scores"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", default=None, help="recipe JSON (default: the one shipped in mmstack.assets)")
     p.add_argument("--work", default="demo-build", help="working folder (data, stages, checkpoints); reruns resume")
     p.add_argument("--out", default=None, help="where the finished model goes (default: mmstack/assets/demo-model)")
+    p.add_argument("--profile", default="cpu", help="the recipe's profile: cpu (2 cores, about 2 hours) or gpu (one "
+                   "H100/H200, about 10 minutes: larger batches, 10x the samples)")
+    p.add_argument("--device", default=None, help="run the stages here instead of the profile's device")
+    p.add_argument("--no-score", action="store_true", help="skip the held-out scores at the end")
 
 
 def main(args) -> int:
@@ -183,5 +233,5 @@ def main(args) -> int:
 
     recipe = Path(args.recipe) if args.recipe else ROOT / "demo-recipe.json"
     out = Path(args.out) if args.out else ROOT / "demo-model"
-    print(build(recipe, Path(args.work), out))
+    print(build(recipe, Path(args.work), out, args.profile, args.device, not args.no_score))
     return 0

@@ -24,6 +24,7 @@ from typing import Optional
 
 import torch
 
+from mmstack import training
 from mmstack.io.atomic import atomic_torch_save
 
 from . import parallel, sharded_checkpoint
@@ -31,6 +32,7 @@ from .checkpointing import rng_state, set_rng_state, truncate_metrics
 from .parallel import all_sum, dist_info, init_distributed
 from .train_args import SAVE, TrainArgs
 from .train_batches import Batcher, ImageCodes, make_batch
+from .train_loss import LossModule, OCRAuxiliary, parse_task_weights
 from .train_output import write_outputs
 
 log = logging.getLogger(__name__)
@@ -86,34 +88,6 @@ def select_trainable(model, parts: str) -> list:
 # ------------------------------------------------------------------------------------------ the loop
 
 
-class LossModule(torch.nn.Module):
-    """Wraps the model so that DDP / FSDP see every loss computation as its forward: every use of a weight
-    happens inside `forward` (FSDP gathers the root group's weights only there)."""
-
-    def __init__(self, model, loss_average: str = "token"):
-        super().__init__()
-        self.model = model
-        self.loss_average = loss_average
-
-    def forward(self, task: str, batch):
-        from mmstack import training
-
-        m = self.model
-        if task == "understanding":
-            return training.understanding_loss(m, batch, self.loss_average)
-        if task == "vq":
-            ids, mask, codes = batch
-            codes = codes.resolve(m)
-            return training.vq_generation_loss(m, ids, mask, codes), codes.numel()
-        if task == "flow":
-            ids, mask, latents, gen = batch
-            return training.flow_generation_loss(m, ids, mask, latents, gen), latents.shape[0]
-        if task == "vq_tokenizer":
-            loss, parts = training.vq_tokenizer_loss(m.vq, batch)
-            return loss, batch.shape[0]
-        raise ValueError(f"unknown task {task!r}")
-
-
 def _stream_indices(n: int, seed: int, pos: int, count: int) -> list[int]:
     """Items pos..pos+count of the endless stream of per-epoch permutations of range(n)."""
     out = []
@@ -141,6 +115,16 @@ def run(args: TrainArgs) -> Path:
 
     Rank 0 holds the run folder's lock for the whole run: a second run on the same `--out` is refused, naming the
     holder's PID (`mmstack.io.lock`)."""
+    ok = False
+    try:
+        out = _locked_run(args)
+        ok = True
+        return out
+    finally:
+        parallel.close_distributed(ok)
+
+
+def _locked_run(args: TrainArgs) -> Path:
     rank, _ = dist_info()
     if rank != 0:
         return _run(args)
@@ -223,7 +207,15 @@ def _run(args: TrainArgs) -> Path:
     else:
         select_trainable(model, args.train)
     ties = parallel.tied_names(model)
-    loss_mod = LossModule(model, args.loss_average)
+    weights = parse_task_weights(args.task_weights)
+    ocr = OCRAuxiliary(model, args.ctc_charset, args.ctc_frames, args.ctc_weight, args.lr, device) \
+        if args.ctc_weight > 0 else None
+    usage = None
+    if args.vq_restart_every and args.task == "vq_tokenizer":
+        if world > 1:
+            raise ValueError("--vq-restart-every runs in one process only (the restarts are not synchronised)")
+        usage = torch.zeros(model.vq.quantize.embedding.num_embeddings, dtype=torch.long)
+    loss_mod = LossModule(model, args.loss_average, ocr=ocr, code_usage=usage)
     if mode is not None:
         # FSDP: a vision block is its own group only if no rank can get a share of a batch without images
         shard_vision = all(ex.images for ex in und)
@@ -249,6 +241,10 @@ def _run(args: TrainArgs) -> Path:
         if "task_rng" in saved:  # older checkpoints lack it: their vq/flow curves diverge after a resume
             gen.set_state(saved["task_rng"])
         state = saved["state"]
+        if ocr is not None and "ctc" in saved:
+            ocr.load_state_dict(saved["ctc"])
+        if usage is not None and "code_usage" in saved:
+            usage.copy_(saved["code_usage"])
     metrics = out / "metrics.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -273,11 +269,13 @@ def _run(args: TrainArgs) -> Path:
                 state["pos"][key] += args.batch_size
                 mine = [pool[i] for i in idx[rank::world]]
                 batch = make_batch(batcher, task, mine, gen)
+                if ocr is not None and task == "understanding":
+                    batch = (batch, ocr.texts(mine))
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                     loss, n = loss_mod(task, batch)
                 n_all = all_sum(n)
                 # sum over this rank's items / items over all ranks, times world (DDP and FSDP average gradients)
-                (loss * n / max(n_all, 1) * world / args.grad_accum).backward()
+                (loss * n / max(n_all, 1) * world / args.grad_accum * weights.get(task, 1.0)).backward()
                 total += all_sum(float(loss.detach()) * n) / max(n_all, 1) / args.grad_accum
             logged[f"loss_{task}"] = total
         if mode == "fsdp":
@@ -286,11 +284,21 @@ def _run(args: TrainArgs) -> Path:
         norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)  # a DTensor under FSDP (same value on each rank)
         norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         opt.step()
+        extra = {}
+        if ocr is not None:
+            ocr.step(opt.param_groups[0]["lr"] / args.lr)  # the main schedule's factor at this step
+            if ocr.last is not None:
+                extra["ctc"] = ocr.last
         sched.step()
         state["step"] += 1
         step = state["step"]
+        if usage is not None and step % args.vq_restart_every == 0:
+            extra["codes_used"] = int((usage > 0).sum())
+            extra["codes_restarted"] = training.restart_dead_codes(
+                model.vq.quantize, usage, loss_mod.latest_latents, torch.Generator().manual_seed(args.seed + step))
+            usage.zero_()
         rec = {"step": step, "loss": sum(logged.values()), **logged, "grad_norm": float(norm),
-               "lr": sched.get_last_lr()[0], "seconds": round(time.time() - t0, 4)}
+               "lr": sched.get_last_lr()[0], **extra, "seconds": round(time.time() - t0, 4)}
         if args.eval_every and (step % args.eval_every == 0 or step == args.steps):
             rec["eval_loss"] = evaluate(loss_mod, batcher, tasks, {"understanding": und_eval, "vq": t2i_eval,
                                                                    "flow": t2i_eval, "vq_tokenizer": t2i_eval}, args)
@@ -300,7 +308,9 @@ def _run(args: TrainArgs) -> Path:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.4f}")
         if step % args.save_every == 0 or step == args.steps:
-            trainer = {"scheduler": sched.state_dict(), "rng": rng_state(), "task_rng": gen.get_state(), "state": state}
+            trainer = {"scheduler": sched.state_dict(), "rng": rng_state(), "task_rng": gen.get_state(), "state": state,
+                       **({"ctc": ocr.state_dict()} if ocr is not None else {}),
+                       **({"code_usage": usage.clone()} if usage is not None else {})}
             sharded_checkpoint.save(ckpt, model, opt, trainer, step)  # every rank writes its own shards
         if args.stop_after is not None and step >= args.stop_after:
             bar.close()

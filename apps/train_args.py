@@ -13,6 +13,7 @@ False, `--no-x` when it defaults to True).
 from __future__ import annotations
 
 import argparse
+import string
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -61,6 +62,16 @@ class TrainArgs:
     loss_average: str = field(default="token", metadata=_cli(
         "understanding loss: mean over all answer tokens (token), or each example's mean, then over examples "
         "(sample: short answers weigh as much as long ones)", choices=["token", "sample"]))
+    task_weights: str = field(default="", metadata=_cli(
+        "how much each task of a step counts, e.g. understanding=1,vq=0.5 (tasks not named weigh 1)"))
+    ctc_weight: float = field(default=0.0, metadata=_cli(
+        "weight of a CTC auxiliary loss on the vision columns for examples whose answer is one line of "
+        "--ctc-charset characters (training only: teaches a from-scratch tower to read; 0 = off)"))
+    ctc_charset: str = field(default=string.ascii_uppercase + string.digits, metadata=_cli(
+        "the characters the CTC head reads"))
+    ctc_frames: int = field(default=4, metadata=_cli("CTC frames per patch column"))
+    vq_restart_every: int = field(default=0, metadata=_cli(
+        "task vq_tokenizer: restart codebook rows unused for this many steps on encoder outputs (0 = never)"))
     gradient_checkpointing: bool = False
     # autocast: default bf16 on CUDA, fp32 on CPU; "bf16" also on CPU, "fp32" off
     dtype: Optional[str] = field(default=None, metadata=_cli(

@@ -98,4 +98,23 @@ def vq_tokenizer_loss(vq, images: torch.Tensor, beta: float = 0.25) -> tuple[tor
     recon = F.mse_loss(rec, images) + F.l1_loss(rec, images)
     total = recon + codebook + beta * commit
     return total, {"recon": recon.detach(), "codebook": codebook.detach(), "commit": commit.detach(),
-                   "codes_used": int(idx.unique().numel())}
+                   "codes_used": int(idx.unique().numel()), "indices": idx.detach(),
+                   "latents": zn.detach().permute(0, 2, 3, 1).reshape(-1, zn.shape[1])}
+
+
+@torch.no_grad()
+def restart_dead_codes(quantizer, counts: torch.Tensor, latents: torch.Tensor,
+                       generator: Optional[torch.Generator] = None) -> int:
+    """Codebook rows no latent chose since the last call (`counts` [K] == 0) restart on latents [M, D] of the
+    latest batch, drawn at random (with a little noise, so rows restarted on one latent part ways): a codebook
+    that collapses onto few codes gets its dead rows back where the encoder's outputs are. Returns how many
+    rows restarted."""
+    dead = (counts == 0).nonzero().flatten()
+    if dead.numel() == 0 or latents.shape[0] == 0:
+        return 0
+    w = quantizer.embedding.weight
+    pick = torch.randint(latents.shape[0], (dead.numel(),), generator=generator)
+    new = latents[pick].to(w.device, torch.float32)
+    new = new + 0.01 * new.std() * torch.randn(new.shape, generator=generator).to(new.device)
+    w[dead.to(w.device)] = new.to(w.dtype)
+    return int(dead.numel())
