@@ -1,11 +1,14 @@
-"""`mmstack build-demo --recipe assets/demo-recipe.json --out DIR`: re-create the embedded demo model.
+"""`mmstack build-demo --recipe assets/demo-recipe.json --profile cpu|gpu --out DIR`: re-create the embedded model.
 
 Stages (each resumable; a finished stage is skipped):
-  1. `synth` the training set (and a held-out set with another seed);
-  2. train a byte-level BPE tokenizer on the corpus text (`tokenizers`), with the chat/grounding/image tokens;
+  1. `synth` the training set (sized by the profile) and a held-out set with another seed;
+  2. train a byte-level BPE tokenizer on the corpus text (`tokenizers`), with the chat/grounding/image tokens and
+     single-character tokens for A-Z0-9 (`tokenizer.single_characters`);
   3. build the native model (MLA + MoE backbone, tiled SigLIP-style encoder, VQ generation head) randomly;
-  4. `finetune` stages from the recipe (VQ tokenizer first, then understanding + image-token generation);
-  5. store the weights in half precision as a native model folder.
+  4. `finetune` stages from the recipe, counted in samples and sized by the profile (`recipe_profiles`): the VQ
+     tokenizer first (with dead-code restarts), then understanding + image-token generation (with the CTC head);
+  5. store the weights in half precision as a native model folder, score it on the held-out set (scores.json), and
+     record profile, device, seconds and scores in build.json.
 """
 from __future__ import annotations
 

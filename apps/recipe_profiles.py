@@ -4,13 +4,14 @@ A recipe's stages count work in samples seen (`"samples"`), not steps, so one re
 cores and one on a GPU. A profile (`recipe["profiles"][name]`) scales it:
 
     "cpu": {"device": "cpu", "threads": 2}
-    "gpu": {"device": "cuda", "batch_scale": 8, "lr_scale": 2.83, "sample_scale": 10, "synth_scale": 4}
+    "gpu": {"device": "cuda", "batch_scale": 8, "lr_scale": 2.83, "sample_scale": 10, "synth_scale": 4, "workers": 16}
 
 - batch_scale: each stage's batch size times this (a GPU wants large batches);
 - lr_scale: learning rates times this (the usual square-root rule for a larger batch: sqrt(8) ~ 2.83);
 - sample_scale: samples seen per stage times this (the GPU's throughput buys more training in less time);
 - synth_scale: the rendered training set times this (more distinct images, so the longer run does not repeat them);
-- device, threads: where the stages run (threads: CPU threads for the build process).
+- device, threads: where the stages run (threads: CPU threads for the build process);
+- workers: processes rendering the synthetic images (the files are the same for any number).
 Step-counted fields of a stage (warmup, save_every, eval_every) scale with its number of steps.
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-PROFILE_KEYS = {"device", "threads", "batch_scale", "lr_scale", "sample_scale", "synth_scale"}
+PROFILE_KEYS = {"device", "threads", "batch_scale", "lr_scale", "sample_scale", "synth_scale", "workers"}
 STEP_FIELDS = ("warmup", "save_every", "eval_every")
 
 
@@ -63,4 +64,4 @@ def stage_args(stage: dict, prof: dict) -> dict:
 
 def synth_args(synth: dict, prof: dict) -> dict:
     """The training set's `synth.generate` keywords with its size scaled by the profile."""
-    return {**synth, "n": max(1, round(synth["n"] * prof["synth_scale"]))}
+    return {**synth, "n": max(1, round(synth["n"] * prof["synth_scale"])), "workers": int(prof.get("workers", 1))}

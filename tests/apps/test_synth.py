@@ -42,8 +42,8 @@ def _task(dataset: Dataset, task: str, question_type: str | None = None) -> list
 
 
 def test_same_seed_gives_byte_identical_files_and_another_seed_differs(tmp_path):
-    for name, seed in [("a", 3), ("b", 3), ("c", 4)]:
-        synth.generate(tmp_path / name, 24, seed=seed, progress=False)
+    for name, seed, workers in [("a", 3, 1), ("b", 3, 2), ("c", 4, 1)]:  # b: rendered by two worker processes
+        synth.generate(tmp_path / name, 24, seed=seed, progress=False, workers=workers)
     a, b, c = (_files(tmp_path / n) for n in "abc")
     assert a == b
     assert a.keys() == c.keys()
@@ -206,6 +206,20 @@ def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(FileExistsError):
         synth.generate(tmp_path / "z", 4, seed=0, progress=False)
     synth.generate(tmp_path / "z", 4, seed=0, overwrite=True, progress=False)
+    for step in (0, 101, 2.5):
+        with pytest.raises(ValueError, match="chart_step"):
+            synth.generate(tmp_path / "w", 4, seed=0, chart_step=step, progress=False)
+
+
+def test_chart_values_sit_on_the_chart_step(tmp_path):
+    from mmstack.apps.chart import table_triples
+
+    synth.generate(tmp_path / "s", 40, seed=0, kinds=("chart",), chart_step=10, progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "s" / "data.jsonl").read_text().splitlines()]
+    values = [v for r in rows for v in r["meta"]["series"]["value"].values()]
+    assert values and all(v % 10 == 0 and 0 <= v <= 100 for v in values) and len(set(values)) > 5
+    assert all({k: float(v) for k, v in r["meta"]["series"]["value"].items()}
+               == {row: val for row, _, val in table_triples(r["messages"][1]["content"]) if row != "title"} for r in rows)
 
 
 def test_cli_synth_writes_the_dataset(tmp_path, capsys):
