@@ -5,8 +5,9 @@
 
 The model is built on the meta device (`build_model(cfg, "meta")`, no weights) and prepared as `apps.train` prepares
 it (`select_trainable`, or `add_lora` with the same targets). What the trainer keeps, per GPU:
-- parameters: the model loaded in fp32, every part (QLoRA: the decoder's Linear weights and stacked experts NF4
-  with double quantisation, 0.52 bytes a weight; other frozen weights bf16);
+- parameters: the model loaded in fp32, every part (QLoRA, as `apps.qlora` quantizes: the decoder layers' Linear
+  weights but MLA's kv_b_proj, and the stacked experts, NF4 with double quantisation, 0.52 bytes a weight; other
+  frozen weights bf16; the adapters fp32);
 - gradients: fp32, for the trainable parameters the understanding loss reaches (not the generation heads, nor
   the vision tower's unused pooling head); optimizer: AdamW's two fp32 states and a step per tensor. There are no
   separate master weights: the weights themselves are fp32 and bf16 autocast (the trainer's default on CUDA)
@@ -219,10 +220,12 @@ def memory_plan(model, lora_r: int = 0, qlora: bool = False, lora_targets: Optio
         raise ValueError(f"--seq-len {seq_len} leaves no text after {img} image tokens ({images} image(s))")
     n = b * seq_len
 
+    nf4 = _nf4_weights(net) if qlora else set()
+
     def weight_bytes(name: str, p) -> float:
         if p.requires_grad:
             return 4
-        if qlora and name.startswith("language.layers.") and p.dim() >= 2 and "norm" not in name:
+        if name in nf4:
             return NF4_BYTES
         return 2 if qlora else 4
 
@@ -282,7 +285,9 @@ def memory_plan(model, lora_r: int = 0, qlora: bool = False, lora_targets: Optio
         notes.append("bf16 autocast keeps a bf16 copy of every weight the backward reads (fp32 weights + copies);"
                      " under FSDP those copies are of gathered weights, not sharded")
     if qlora:
-        notes.append("QLoRA assumed as bitsandbytes NF4 with bf16 compute; the trainer's QLoRA path is not final")
+        notes.append("QLoRA as the trainer runs it (apps.qlora): bitsandbytes NF4 Linear4bit layers and NF4 expert "
+                     "stacks with bf16 compute; each MoE layer dequantizes its experts (plus the LoRA delta) in "
+                     "bf16 for its forward and backward, one layer at a time with gradient checkpointing")
     mode = "full" if not lora_r else f"{'QLoRA' if qlora else 'LoRA'} r={lora_r}"
     setup = dict(checkpointing=checkpointing, gpus=gpus, parallel=parallel if gpus > 1 else "single", batch=b,
                  seq_len=seq_len, image_tokens=b * img, views=b * views * images, device=device,
@@ -291,6 +296,23 @@ def memory_plan(model, lora_r: int = 0, qlora: bool = False, lora_targets: Optio
     largest = dict(name=name, parameters=_numel(mod), bytes=unit_bytes(best))
     return Plan(model=cfg.name or str(model), mode=mode, setup=setup, parameters=sum(p.numel() for p in params.values()),
                 trainable=trainable, bytes={k: int(v) for k, v in rows.items()}, largest_layer=largest, notes=notes)
+
+
+def _nf4_weights(net) -> set:
+    """Names of the weights `apps.qlora.quantize_base_nf4` makes 4-bit (LoRA wrappers or not): the decoder layers'
+    plain Linear weights but those `mmstack.quantize.SKIP` names, and the stacked routed experts."""
+    from torch import nn
+
+    from mmstack.llm.moe import Experts
+    from mmstack.quantize import SKIP
+
+    names = set()
+    for mname, mod in net.language.layers.named_modules(prefix="language.layers"):
+        if isinstance(mod, Experts):
+            names |= {f"{mname}.{n}" for n, _ in mod.named_parameters(recurse=False)}
+        elif type(mod) is nn.Linear and not any(f".{s}." in f"{mname}." for s in SKIP) and ".lora_" not in mname:
+            names.add(f"{mname}.weight")
+    return names
 
 
 def _check_setup(cfg, **setup) -> None:

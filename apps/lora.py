@@ -7,6 +7,8 @@ merged into the base weights (a plain native model), written as a standard peft 
     print(plan.summary())                       # the targets and the trainable parameter count
     save_adapter(model, plan, "out/adapter")     # adapter_config.json + adapter_model.safetensors
     merge_lora(model)                            # the plain model again, adapters folded in
+On a QLoRA base (`apps.qlora.quantize_base_nf4` first) the same calls work: the adapters train in fp32 on the 4-bit
+layers, the saved folder is the same, and a merge dequantizes the base (bf16) before folding the adapters in.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from torch import nn
 from mmstack.quantize import refuse_quantized
 
 from .lora_targets import GROUPS, Targets, resolve_targets
+from .qlora import is_nf4, logical_numel
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +65,8 @@ def add_lora(model: nn.Module, r: int, alpha: int, targets: list[str], dropout: 
     if found.parameters and dropout:
         raise ValueError("LoRA dropout is not possible on the stacked experts (peft); use dropout 0 or leave "
                          "routed_experts out of the targets")
-    total = sum(p.numel() for p in model.parameters())
+    qlora = is_nf4(model)
+    total = logical_numel(model) if qlora else sum(p.numel() for p in model.parameters())
     for p in model.parameters():
         p.requires_grad_(False)
     extra = {"target_parameters": found.parameters} if found.parameters else {}
@@ -71,6 +75,8 @@ def add_lora(model: nn.Module, r: int, alpha: int, targets: list[str], dropout: 
     trainable = 0
     for n, p in model.named_parameters():
         p.requires_grad_("lora_" in n)
+        if qlora and p.requires_grad:  # on a bf16 base peft makes them bf16: AdamW keeps fp32 masters instead
+            p.data = p.data.float()
         trainable += p.numel() if p.requires_grad else 0
     return LoraPlan(config, found, trainable, total)
 
@@ -107,14 +113,24 @@ def _param_wrapper_chain(module) -> list:
 @torch.no_grad()
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every adapter into its base weight and put the plain module back (keys as before LoRA). Nested
-    wrappers of one module's stacked parameters are merged innermost last, each into its own parameter."""
-    from peft.tuners.lora import LoraLayer
+    wrappers of one module's stacked parameters are merged innermost last, each into its own parameter. A QLoRA
+    model's 4-bit base is dequantized first (`apps.qlora.dequantize_base_nf4`): the result is a plain bf16 model."""
+    from peft.tuners.lora import Linear, LoraLayer, ParamWrapper
 
+    qlora = is_nf4(model)
+    if qlora:
+        from .qlora import dequantize_base_nf4, fold_lora_into_plain
+
+        log.info("merging LoRA into the dequantized 4-bit base (bf16; the weights the adapters trained against)")
+        dequantize_base_nf4(model)
     for name, module in list(model.named_modules()):
         if not isinstance(module, LoraLayer) or ".base_layer" in f".{name}":
             continue  # inner wrappers are merged with their outermost one
         for layer in _param_wrapper_chain(module) or [module]:
-            layer.merge()
+            if qlora and not isinstance(layer, (Linear, ParamWrapper)):  # peft's 4-bit wrapper, its base plain again
+                fold_lora_into_plain(layer)
+            else:
+                layer.merge()
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
         setattr(parent, name.rsplit(".", 1)[-1], module.get_base_layer())
     return model
@@ -138,20 +154,18 @@ def save_adapter(model: nn.Module, plan: LoraPlan, folder, base: Optional[str] =
     return write_adapter(folder, config, tensors)
 
 
-def check_qlora(device: torch.device, lora_r: int) -> None:
-    """Refuse `--qlora` where it cannot run, with one line saying why.
-
-    QLoRA (a 4-bit NF4 frozen base under bf16 adapters) needs CUDA and bitsandbytes; the quantized training path
-    itself is not implemented yet, so even with both it is refused.
-    """
+def check_qlora(device: torch.device, lora_r: int, world: int = 1) -> None:
+    """Refuse `--qlora` where the trainer does not run it, with one line saying why: off CUDA (bitsandbytes' CPU
+    backend runs the 4-bit paths too, but slowly: `apps.qlora` takes any device, for tests), without `--lora-r`,
+    under torchrun, or without bitsandbytes."""
     if device.type != "cuda":
         raise ValueError(f"--qlora needs a CUDA device (bitsandbytes' 4-bit kernels); this run is on {device.type}: "
                          f"drop --qlora to train LoRA on the full-precision base")
     if not lora_r:
         raise ValueError("--qlora trains LoRA adapters: give --lora-r too (e.g. --lora-r 16)")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ImportError("--qlora needs bitsandbytes: pip install bitsandbytes") from None
-    raise NotImplementedError("--qlora is not implemented yet (the 4-bit base for the stacked experts); train LoRA on "
-                              "the bf16 base instead (drop --qlora)")
+    if world > 1:
+        raise ValueError(f"--qlora runs in one process (the 4-bit base is neither sharded nor replicated); this run "
+                         f"has {world}: run it without torchrun, or drop --qlora")
+    from .qlora import require_bitsandbytes
+
+    require_bitsandbytes()

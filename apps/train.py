@@ -178,12 +178,17 @@ def _run(args: TrainArgs) -> Path:
     if args.qlora:
         from .lora import check_qlora
 
-        check_qlora(device, args.lora_r)
+        check_qlora(device, args.lora_r, world)
     device = init_distributed(device)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
-    pipe = mmstack.load(args.model, device=device, dtype=torch.float32, tokenizer=args.tokenizer)
+    dtype = torch.bfloat16 if args.qlora else torch.float32  # QLoRA: what is not 4-bit stays bf16
+    pipe = mmstack.load(args.model, device=device, dtype=dtype, tokenizer=args.tokenizer)
     model = pipe.model.train()
+    if args.qlora:
+        from .qlora import quantize_base_nf4
+
+        quantize_base_nf4(model)  # before add_lora: LoRA wraps the 4-bit layers
     model.language.gradient_checkpointing = args.gradient_checkpointing
     examples, skipped = load_examples(args.data, skip_bad=args.skip_bad, fits=_fits(pipe))
     if skipped and rank == 0:

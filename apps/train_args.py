@@ -58,7 +58,7 @@ class TrainArgs:
         "with LoRA: write the merged model (OUT/model), the peft adapter folder (OUT/adapter), or both",
         choices=SAVE))
     qlora: bool = field(default=False, metadata=_cli(
-        "LoRA on a 4-bit base (CUDA and bitsandbytes; refused elsewhere, and not implemented yet)"))
+        "LoRA on a 4-bit NF4 base (QLoRA; one CUDA GPU and bitsandbytes: pip install 'mmstack[qlora]')"))
     loss_average: str = field(default="token", metadata=_cli(
         "understanding loss: mean over all answer tokens (token), or each example's mean, then over examples "
         "(sample: short answers weigh as much as long ones)", choices=["token", "sample"]))

@@ -37,7 +37,7 @@ def test_wheel_install_imports_all_packages(tmp_path):
 def test_core_does_not_import_heavy_optional_packages():
     code = ("import sys, mmstack, mmstack.api, mmstack.loading, mmstack.decoding, mmstack.vision, mmstack.generation, "
             "mmstack.apps, mmstack.cli; mmstack.load; "
-            "bad = [m for m in ('gradio', 'diffusers', 'peft') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+            "bad = [m for m in ('gradio', 'diffusers', 'peft', 'bitsandbytes') if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stdout + r.stderr
 
