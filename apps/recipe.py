@@ -120,10 +120,12 @@ def _train_seconds(stage_dir: Path) -> float:
     return round(total, 1)
 
 
-def write_demo_settings(model_dir: Path, t2i_prompts, n: int = 6) -> None:
-    """`demo.json` for the web demo: the first distinct held-out text-to-image prompts as examples, and the
+def write_demo_settings(model_dir: Path, t2i_prompts, n: int = 6, about: Optional[dict] = None) -> None:
+    """`demo.json` for the web demo: the first distinct held-out text-to-image prompts as examples, the
     greedy decoding the held-out scores were measured with (a tiny model copies prompt words into its answers,
-    so a repetition penalty or sampling hurts it)."""
+    so a repetition penalty or sampling hurts it), and the recipe's `about` (what the banner says it was trained
+    on, and which real model to load instead). The clickable image examples are drawn and picked after the build
+    (`docs/demo_examples.py`)."""
     from .synth import CHART_QUESTION, OCR_QUESTION
 
     picked = list(dict.fromkeys(t2i_prompts))[:n]
@@ -132,6 +134,8 @@ def write_demo_settings(model_dir: Path, t2i_prompts, n: int = 6) -> None:
                 # the batch jobs ask what the model was trained to answer (`mmstack ocr` / `mmstack chart`)
                 "tasks": {"ocr": {"prompt": OCR_QUESTION, "max_new_tokens": 64},
                           "chart": {"prompt": CHART_QUESTION, "max_new_tokens": 192}}}
+    if about:
+        settings["about"] = dict(about)
     atomic_write_json(model_dir / "demo.json", settings)
 
 
@@ -190,7 +194,7 @@ def build(recipe_path: Path, work: Path, out: Path, profile_name: str = "cpu", d
         shutil.rmtree(out)
     save_pretrained(model, out, tokenizer_dir=current)
     prompts = [json.loads(x)["prompt"] for x in (heldout / "t2i.jsonl").read_text(encoding="utf-8").splitlines()]
-    write_demo_settings(out, prompts)
+    write_demo_settings(out, prompts, about=recipe.get("about"))
     meta = {"recipe": str(recipe_path), "profile": profile_name, "device": _device_name(prof["device"]),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "stage_train_seconds": stage_seconds,
             "train_seconds": round(sum(stage_seconds.values()), 1), "seconds": round(time.time() - t0, 1),

@@ -124,15 +124,15 @@ def test_a_banner_tops_every_tab_of_a_model_that_says_what_it_is_and_none_of_an_
 def test_a_plain_where_question_becomes_the_grounding_query(pipe):
     assert grounding_request("Where is the red circle?") == "the red circle"
     assert grounding_request("Describe this image.") is None
-    image = _example(pipe, "scene-ground.png")
-    history = [{"role": "user", "content": [{"type": "text", "text": "Where is the red square?"}]}]
+    question, image = next((t, p) for t, p in demo_settings(pipe)["chat_examples"] if p.endswith("/scene-ground.png"))
+    assert question.startswith("Where is ")  # the shipped example is a plain question, no grounding markup
+    history = [{"role": "user", "content": [{"type": "text", "text": question}]}]
     assert with_grounding(to_model_messages(history)) == to_model_messages(history)  # no image: a question
-    messages = [{"role": "user", "content": [{"type": "image", "path": image},
-                                             {"type": "text", "text": "Where is the red square?"}]}]
+    messages = [{"role": "user", "content": [{"type": "image", "path": image}, {"type": "text", "text": question}]}]
     answer = "".join(pipe.chat(with_grounding(messages), stream=True, max_new_tokens=64, temperature=0.0))
     boxes = parse_boxes(answer, 64, 64)
     meta = examples.render("scene-ground.png")[3]
-    truth = next(o["box"] for o in meta["objects"] if (o["colour"], o["shape"]) == ("red", "square"))
+    truth = next(o["box"] for o in meta["objects"] if f"the {o['colour']} {o['shape']}" == grounding_request(question))
     assert boxes and box_iou([boxes[0].x1, boxes[0].y1, boxes[0].x2, boxes[0].y2], truth) >= 0.5, (answer, truth)
 
 
