@@ -185,6 +185,9 @@ def build(recipe_path: Path, work: Path, out: Path, profile_name: str = "cpu", d
         if not (sdir / "model" / "config.json").exists():
             files = [str(data / f) for f in stage.get("data", ["data.jsonl", "t2i.jsonl"])]
             args = stage_args(stage, prof)
+            head = current.parent / "ctc_head.safetensors"  # the previous stage's CTC head, carried on
+            if args.get("ctc_weight") and head.exists() and "ctc_init" not in args:
+                args["ctc_init"] = str(head)
             log.info("stage %d: %s", i, args)
             run(TrainArgs(model=str(current), data=files, out=str(sdir), resume=True, **args))
         current = sdir / "model"

@@ -213,7 +213,7 @@ def _run(args: TrainArgs) -> Path:
         select_trainable(model, args.train)
     ties = parallel.tied_names(model)
     weights = parse_task_weights(args.task_weights)
-    ocr = OCRAuxiliary(model, args.ctc_charset, args.ctc_frames, args.ctc_weight, args.lr, device) \
+    ocr = OCRAuxiliary(model, args.ctc_charset, args.ctc_frames, args.ctc_weight, args.lr, device, args.ctc_init) \
         if args.ctc_weight > 0 else None
     usage = None
     if args.vq_restart_every and args.task == "vq_tokenizer":
@@ -323,6 +323,8 @@ def _run(args: TrainArgs) -> Path:
     bar.close()
     tok_dir = Path(pipe.tokenizer.source).parent if pipe.tokenizer is not None else None
     write_outputs(args, out, loss_mod, model, lora, ties, tok_dir, rank)  # under FSDP: every rank gathers
+    if ocr is not None and rank == 0:
+        ocr.save_head(out)
     return out
 
 

@@ -70,6 +70,8 @@ class TrainArgs:
     ctc_charset: str = field(default=string.ascii_uppercase + string.digits, metadata=_cli(
         "the characters the CTC head reads"))
     ctc_frames: int = field(default=4, metadata=_cli("CTC frames per patch column"))
+    ctc_init: Optional[str] = field(default=None, metadata=_cli(
+        "start the CTC head from this ctc_head.safetensors (an earlier run's folder has one) instead of random"))
     vq_restart_every: int = field(default=0, metadata=_cli(
         "task vq_tokenizer: restart codebook rows unused for this many steps on encoder outputs (0 = never)"))
     gradient_checkpointing: bool = False

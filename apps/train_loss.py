@@ -9,6 +9,7 @@ inside its `forward`; with the training-only extras a recipe can switch on:
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -39,7 +40,10 @@ class OCRAuxiliary:
     """The CTC head of `--ctc-weight` with its own AdamW: which examples it reads (one image, an answer of charset
     characters only), its loss on their global views, and its state for the run's checkpoint."""
 
-    def __init__(self, model, charset: str, frames: int, weight: float, lr: float, device: torch.device):
+    FILE = "ctc_head.safetensors"  # in the run folder at the end: `--ctc-init` of a later stage starts from it
+
+    def __init__(self, model, charset: str, frames: int, weight: float, lr: float, device: torch.device,
+                 init: Optional[str] = None):
         from mmstack.ctc import ColumnCTCHead, grid_rows
 
         tower = getattr(model, "vision", None)
@@ -48,8 +52,34 @@ class OCRAuxiliary:
         grid = tower.cfg.image_size // tower.cfg.patch_size
         self.head = ColumnCTCHead(tower.cfg.width, grid_rows(grid * grid), charset, frames).to(device)
         self.weight = weight
+        if init:
+            self.load_head(init)
         self.opt = torch.optim.AdamW(self.head.parameters(), lr=lr)
         self.last: Optional[float] = None
+
+    def load_head(self, path: str) -> None:
+        """Start from the head an earlier run saved (`save_head`); a head of another shape is refused by name."""
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--ctc-init {path}: not a readable safetensors file ({e})") from None
+        want = {k: tuple(v.shape) for k, v in self.head.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in sd.items()}
+        if want != got:
+            raise ValueError(f"--ctc-init {path}: a CTC head of another shape (charset, frames or tower width): "
+                             f"{sorted(set(got.items()) ^ set(want.items()))[:4]}")
+        self.head.load_state_dict(sd)
+
+    def save_head(self, folder) -> None:
+        """Write the head's weights to `folder`/ctc_head.safetensors (atomically)."""
+        from safetensors.torch import save_file
+
+        from mmstack.io.atomic import atomic_path
+
+        with atomic_path(Path(folder) / self.FILE) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in self.head.state_dict().items()}, str(tmp))
 
     def texts(self, examples) -> list[Optional[str]]:
         """Per example: the answer the head reads, or None (and a new step's batch: nothing read yet)."""

@@ -78,6 +78,8 @@ def test_a_tiny_gpu_profile_build_runs_on_the_cpu_and_records_what_it_did(tmp_pa
     for i, stage in enumerate(SHIPPED["stages"]):  # batch and steps scaled: 8 samples x 2, batches x 2
         args = json.loads(next((tmp_path / "work").glob(f"stage{i}-*/args.json")).read_text())
         assert args["batch_size"] == stage["batch_size"] * 2 and args["steps"] == 1 and args["device"] == "cpu"
+    stage2 = json.loads(next((tmp_path / "work").glob("stage2-*/args.json")).read_text())
+    assert stage2["ctc_init"].endswith("stage1-mixed/ctc_head.safetensors")  # the CTC head carried between stages
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["image_processing"]["single_tile_global_only"] is True
     assert not any("ctc" in k for k in json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]) \

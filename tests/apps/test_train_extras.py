@@ -84,6 +84,12 @@ def test_a_run_with_the_ctc_head_logs_it_learns_it_and_resumes_it(data, tmp_path
     b = run(TrainArgs(out=str(tmp_path / "b"), resume=True, **common))
     np.testing.assert_allclose([c for c in _losses(b, "ctc") if c is not None], ctc, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(_losses(b), _losses(a), rtol=1e-5, atol=1e-6)
+    # a later stage starts from the head this run saved (the recipe carries it), so its first CTC loss is lower
+    assert (a / "ctc_head.safetensors").exists()
+    c = run(TrainArgs(out=str(tmp_path / "c"), **{**common, "steps": 1, "ctc_init": str(a / "ctc_head.safetensors")}))
+    assert _losses(c, "ctc")[0] < ctc[0]
+    with pytest.raises(ValueError, match="another shape"):
+        run(TrainArgs(out=str(tmp_path / "d"), **{**common, "ctc_charset": "XY", "ctc_init": str(a / "ctc_head.safetensors")}))
     # the head is training-only: the saved model has exactly the keys of the model it started from
     from safetensors import safe_open
 
