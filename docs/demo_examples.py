@@ -4,7 +4,7 @@ Each is a held-out synthetic image drawn by `mmstack.apps.synth` from its own se
 stream of seed 0, the held-out set seed 1). Each seed is the first from 1000 up whose image the shipped model
 answers right (caption exact, box IoU >= 0.5, every chart value within 5%, the text line read exactly):
 `python docs/demo_examples.py --pick assets/demo-model` finds them after a rebuild. The examples show what the model
-can do, and the banner beside them its scores (it reads about one line in eight). `demo.json` "examples" names the
+can do, and the banner beside them its scores (it reads about one line in five). `demo.json` "examples" names the
 files; tests/apps/test_demo_embedded.py checks that each file is this render and that the model still answers it right.
 """
 from __future__ import annotations
