@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 
 from mmstack import kernels
 from mmstack.llm.moe import Experts
-from mmstack.quantize import SKIP
+from mmstack.quantize import quantizable_modules
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +178,16 @@ def quantize_base_nf4(model: nn.Module, compute_dtype: torch.dtype = torch.bfloa
         raise ValueError("this model is already quantized: load it again for --qlora")
     if any("lora_" in n for n, _ in model.named_parameters()):
         raise ValueError("quantize the base before adding LoRA (quantize_base_nf4, then add_lora)")
-    lm = getattr(model, "language", model)
     counts = {"linear": 0, "experts": 0, "kept_on_cpu": 0}
-    for layer in lm.layers:
-        for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, Experts):
-                    setattr(parent, name, NF4Experts(child, compute_dtype, device))
-                    counts["experts"] += 1
-                elif type(child) is nn.Linear and name not in SKIP:
-                    if not _cpu_kernel_ok(child, device):
-                        counts["kept_on_cpu"] += 1
-                        continue
-                    setattr(parent, name, _linear4bit(child, compute_dtype, device))
-                    counts["linear"] += 1
+    for parent, name, child in quantizable_modules(model):
+        if isinstance(child, Experts):
+            setattr(parent, name, NF4Experts(child, compute_dtype, device))
+            counts["experts"] += 1
+        elif not _cpu_kernel_ok(child, device):
+            counts["kept_on_cpu"] += 1
+        else:
+            setattr(parent, name, _linear4bit(child, compute_dtype, device))
+            counts["linear"] += 1
     if counts["kept_on_cpu"]:
         log.info("%d Linear layer(s) of widths not a multiple of %d stay in %s on the CPU (bitsandbytes' CPU kernel "
                  "dequantizes them wrong)", counts["kept_on_cpu"], BLOCK, compute_dtype)

@@ -259,6 +259,19 @@ class QuantExperts(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------- models
+def quantizable_modules(model: nn.Module):
+    """Yield (parent, name, module) for every routed-experts stack and every plain `nn.Linear` of the decoder
+    layers of `model` (a `MultimodalModel` or `LanguageModel`) that weight-only quantization replaces (not the
+    `SKIP` ones), layer by layer, so a caller can `setattr(parent, name, replacement)` as it goes (int8/int4 here,
+    NF4 for QLoRA in `apps/qlora.py`)."""
+    lm = getattr(model, "language", model)
+    for layer in lm.layers:
+        for parent in list(layer.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, Experts) or (type(child) is nn.Linear and name not in SKIP):
+                    yield parent, name, child
+
+
 def quantize_model(model: nn.Module, scheme: str, device=None) -> dict:
     """Quantize the language model of `model` (a `MultimodalModel` or `LanguageModel`) in place, layer by
     layer on `device` (default: where the weights are), so a model held in CPU memory can be quantized onto a
@@ -267,20 +280,15 @@ def quantize_model(model: nn.Module, scheme: str, device=None) -> dict:
     if is_quantized(model):  # its linear layers are QuantLinear now: a second pass would only relabel them
         raise ValueError(f"this model is already quantized ({model.quantization!r}): load it again to quantize it "
                          f"as {scheme!r}")
-    lm = getattr(model, "language", model)
     counts = {"linear": 0, "experts": 0}
-    for layer in lm.layers:
-        for parent in list(layer.modules()):
-            for name, child in list(parent.named_children()):
-                if isinstance(child, Experts):
-                    setattr(parent, name, QuantExperts(child, scheme, device))
-                    counts["experts"] += 1
-                elif type(child) is nn.Linear and name not in SKIP:
-                    setattr(parent, name, QuantLinear(child, device, scheme))
-                    counts["linear"] += 1
-                else:
-                    continue
-                del child
+    for parent, name, child in quantizable_modules(model):
+        if isinstance(child, Experts):
+            setattr(parent, name, QuantExperts(child, scheme, device))
+            counts["experts"] += 1
+        else:
+            setattr(parent, name, QuantLinear(child, device, scheme))
+            counts["linear"] += 1
+        del child
     if device is not None:
         model.to(device)
     model.quantization = scheme

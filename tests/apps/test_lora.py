@@ -10,14 +10,13 @@ import json
 import logging
 import sys
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import nn
 
 import mmstack
+from colour_data import write_colour_data
 from golden import golden_dir
 from mmstack import AdapterError
 from mmstack.adapters import WEIGHTS_FILE, read_adapter
@@ -123,18 +122,7 @@ def test_lora_targets_matching_nothing_are_refused_and_a_typo_is_warned(caplog):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("lora_data")
-    rng = np.random.default_rng(0)
-    colours = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
-    recs = []
-    for i in range(8):
-        name = list(colours)[i % 3]
-        arr = (np.zeros((48, 64, 3)) + colours[name] + rng.integers(-20, 20, (48, 64, 3))).clip(0, 255)
-        Image.fromarray(arr.astype(np.uint8)).save(d / f"im{i}.png")
-        recs.append({"messages": [{"role": "user", "content": "<image>\nWhat colour is it?"},
-                                  {"role": "assistant", "content": f"It is {name}."}], "images": [f"im{i}.png"]})
-    (d / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
-    return d
+    return write_colour_data(tmp_path_factory.mktemp("lora_data"))
 
 
 @pytest.fixture(scope="module")
